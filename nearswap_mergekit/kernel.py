@@ -1,0 +1,170 @@
+"""NearSwap and its sequential chain as pure-torch kernels; no mergekit import.
+
+Per stage, with base v0, secondary v1 and threshold t (the QuartetAnemoi card)::
+
+    w = t / |v0 - v1|;  NaN, +inf, -inf -> 1;  clip w to [0, 1];  out = (1 - w) * v0 + w * v1
+
+Arithmetic is float32 (float64 when the inputs are float64) and bit-identical to
+that formula evaluated in numpy. Work is done in blocks with preallocated buffers,
+so the extra memory beyond the output is O(block_size) however large the tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+
+#: Elements per block on the CPU: small enough to stay in L2 cache, large enough
+#: to amortise per-op dispatch. Any value gives the same bits.
+CPU_BLOCK_SIZE = 1 << 16
+#: On accelerators, kernel launches dominate small blocks.
+ACCELERATOR_BLOCK_SIZE = 1 << 24
+
+Threshold = Union[float, Sequence[float]]
+
+
+def check_threshold(t: float, what: str = "t") -> float:
+    """Return t as a float, or raise ValueError if it is not a finite number >= 0."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)):
+        raise ValueError(f"{what} must be a number >= 0; got {t!r}")
+    t = float(t)
+    if math.isnan(t) or math.isinf(t) or t < 0:
+        raise ValueError(f"{what} must be a finite number >= 0; got {t!r}")
+    return t
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype NearSwap computes in for inputs of `dtype`."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def nearswap_chain(
+    base: torch.Tensor,
+    secondaries: Sequence[torch.Tensor],
+    t: Threshold,
+    *,
+    round_stages: bool = True,
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Apply NearSwap stages in order: r0 = base, r_k = NearSwap(t_k, r_(k-1), secondaries[k-1]).
+
+    Args:
+        base: the base model's tensor (v0 of the first stage).
+        secondaries: one tensor per stage, same shape and device as `base`.
+        t: one threshold for every stage, or one per secondary; each finite and >= 0.
+        round_stages: round each stage's result to the inputs' dtype, as a staged
+            merge saving its intermediates in that dtype would; False carries the
+            compute dtype between stages.
+        block_size: elements per block (None picks one for the device); never
+            changes the result.
+
+    Returns:
+        A new contiguous tensor in the inputs' (promoted) dtype. Inputs are not modified.
+    """
+    secondaries = list(secondaries)
+    if not secondaries:
+        raise ValueError("nearswap_chain needs at least one secondary tensor")
+    if isinstance(t, (int, float)) and not isinstance(t, bool):
+        thresholds = [check_threshold(t)] * len(secondaries)
+    else:
+        thresholds = [check_threshold(value, f"t[{i}]") for i, value in enumerate(t)]
+        if len(thresholds) != len(secondaries):
+            raise ValueError(
+                f"t has {len(thresholds)} values but there are {len(secondaries)} "
+                "secondaries; give one t per secondary, or a single number"
+            )
+    tensors = [base, *secondaries]
+    for index, tensor in enumerate(tensors):
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            what = "base" if index == 0 else f"secondaries[{index - 1}]"
+            raise TypeError(f"{what} must be a floating-point torch.Tensor")
+        if tensor.shape != base.shape:
+            raise ValueError(
+                f"shape mismatch: base is {tuple(base.shape)}, "
+                f"secondaries[{index - 1}] is {tuple(tensor.shape)}"
+            )
+        if tensor.device != base.device:
+            raise ValueError(
+                f"device mismatch: base is on {base.device}, "
+                f"secondaries[{index - 1}] is on {tensor.device}"
+            )
+
+    io_dtype = base.dtype
+    for tensor in secondaries:
+        io_dtype = torch.promote_types(io_dtype, tensor.dtype)
+    work_dtype = compute_dtype(io_dtype)
+    rounds = round_stages and io_dtype != work_dtype
+    device = base.device
+    if block_size is None:
+        block_size = CPU_BLOCK_SIZE if device.type == "cpu" else ACCELERATOR_BLOCK_SIZE
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1; got {block_size}")
+
+    out = torch.empty(base.shape, dtype=io_dtype, device=device)
+    if out.numel() == 0:
+        return out
+    # Blocks are whole rows of the leading dimension, so strided inputs are read
+    # block by block (copy_ handles strides and the dtype cast into the buffer).
+    views = [x.reshape(1) if x.ndim == 0 else x for x in (*tensors, out)]
+    leading, row_shape = views[0].shape[0], views[0].shape[1:]
+    row_numel = math.prod(row_shape)
+    rows_per_block = max(1, block_size // row_numel)
+    buffer_numel = min(leading, rows_per_block) * row_numel
+
+    def buffer(dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(buffer_numel, dtype=dtype, device=device)
+
+    acc, other, diff, weight = (buffer(work_dtype) for _ in range(4))
+    low = buffer(io_dtype) if rounds else None
+    t_values = [torch.tensor(t_k, dtype=work_dtype, device=device) for t_k in thresholds]
+    one = torch.ones((), dtype=work_dtype, device=device)
+
+    for start in range(0, leading, rows_per_block):
+        stop = min(start + rows_per_block, leading)
+        shape = (stop - start, *row_shape)
+        n = math.prod(shape)
+        a, b, d, w = (x[:n] for x in (acc, other, diff, weight))
+        a.view(shape).copy_(views[0][start:stop])
+        for secondary, t_k in zip(views[1:-1], t_values):
+            b.view(shape).copy_(secondary[start:stop])
+            _stage(a, b, t_k, one, d, w)
+            if rounds:
+                low[:n].copy_(a)
+                a.copy_(low[:n])
+        views[-1][start:stop].copy_(a.view(shape))
+    return out
+
+
+def _stage(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: torch.Tensor,
+    one: torch.Tensor,
+    d: torch.Tensor,
+    w: torch.Tensor,
+) -> None:
+    """a <- NearSwap(t, a, b) in place; b, d, w are scratch. One op per formula step."""
+    torch.sub(a, b, out=d)
+    d.abs_()
+    # torch.div, not `t / d`: Tensor.__rtruediv__ multiplies by a reciprocal,
+    # which is not bit-identical to a division.
+    torch.div(t, d, out=w)
+    w.nan_to_num_(nan=1.0, posinf=1.0, neginf=1.0)
+    w.clamp_(0.0, 1.0)
+    torch.mul(w, b, out=b)  # w * v1
+    torch.sub(one, w, out=d)  # 1 - w
+    a.mul_(d)  # (1 - w) * v0
+    torch.add(b, a, out=a)
+
+
+def nearswap(
+    v0: torch.Tensor,
+    v1: torch.Tensor,
+    t: float,
+    *,
+    block_size: Optional[int] = None,
+) -> torch.Tensor:
+    """One NearSwap stage: move v0 toward v1 by at most t; swap where |v0 - v1| <= t."""
+    return nearswap_chain(v0, [v1], t, block_size=block_size)

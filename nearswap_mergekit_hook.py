@@ -1,0 +1,125 @@
+"""Start-up hook that lets installed packages add merge methods to mergekit.
+
+mergekit has no plugin entry points, so this module (run from a .pth or PEP 829
+.start file) puts one cheap finder on sys.meta_path. It ignores every import
+except ``mergekit.merge_methods.registry``; right after that module first runs,
+it registers every method that an installed package declares under the
+entry-point group ``mergekit.merge_methods``. An entry point's object is either
+a mergekit ``MergeMethod`` (registered under its ``spec.name``) or a callable
+taking no arguments that registers its methods itself.
+
+Nothing is imported at start-up beyond this file. A failing plugin is logged and
+skipped; mergekit and the other plugins keep working. Set
+NEARSWAP_MERGEKIT_NO_HOOK=1 to switch the hook off.
+"""
+
+import os
+import sys
+
+ENTRY_POINT_GROUP = "mergekit.merge_methods"
+DISABLE_VARIABLE = "NEARSWAP_MERGEKIT_NO_HOOK"
+_REGISTRY_MODULE = "mergekit.merge_methods.registry"
+_MARK = "_mergekit_plugin_hook"
+
+
+def install():
+    """Arm the hook (idempotent); the .pth and .start files call this at start-up."""
+    if os.environ.get(DISABLE_VARIABLE, "") not in ("", "0"):
+        return
+    if any(getattr(finder, _MARK, False) for finder in sys.meta_path):
+        return
+    if _REGISTRY_MODULE in sys.modules:  # installed late: mergekit is already there
+        load_plugins()
+        return
+    sys.meta_path.insert(0, _RegistryFinder())
+
+
+class _RegistryFinder:
+    """A plain meta-path finder (importlib.abc would cost an import at start-up)."""
+
+    _mergekit_plugin_hook = True
+    fired = False
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != _REGISTRY_MODULE or self.fired:
+            return None
+        self.fired = True
+        for finder in sys.meta_path:
+            find_spec = getattr(finder, "find_spec", None)
+            if finder is self or find_spec is None:
+                continue
+            spec = find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+            spec.loader = _LoadPluginsAfter(spec.loader)
+        return spec
+
+
+class _LoadPluginsAfter:
+    """Wraps the registry's loader: run the module, then register the plugins."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        load_plugins()
+
+
+def load_plugins():
+    """Register every method declared under ENTRY_POINT_GROUP; never raises."""
+    import logging
+
+    log = logging.getLogger("mergekit.plugins")
+    try:
+        from importlib.metadata import entry_points
+
+        declared = entry_points(group=ENTRY_POINT_GROUP)
+    except Exception as error:  # a broken distribution must not break mergekit
+        log.warning("mergekit plugins: cannot list entry points: %s", error)
+        return
+    seen = set()
+    for entry_point in declared:
+        if entry_point.value in seen:  # the same distribution seen on two paths
+            continue
+        seen.add(entry_point.value)
+        try:
+            register_object(entry_point.load())
+        except Exception as error:
+            log.warning(
+                "mergekit plugin %r (%s) was skipped: %s: %s",
+                entry_point.name,
+                entry_point.value,
+                type(error).__name__,
+                error,
+            )
+
+
+def register_object(obj):
+    """Register a MergeMethod, or call a registration function."""
+    from mergekit.merge_methods import registry
+
+    if not hasattr(obj, "spec") and callable(obj):
+        obj()
+        return
+    name = obj.spec.name
+    present = {method.spec.name: method for method in registry.registered_methods()}
+    if name not in present:
+        registry.register(obj)
+    elif present[name] is not obj:
+        import logging
+
+        logging.getLogger("mergekit.plugins").warning(
+            "mergekit plugin method %r was not registered: mergekit already has a "
+            "method of that name",
+            name,
+        )
