@@ -66,7 +66,7 @@ def nearswap_chain(
     secondaries = list(secondaries)
     if not secondaries:
         raise ValueError("nearswap_chain needs at least one secondary tensor")
-    if isinstance(t, (int, float)) and not isinstance(t, bool):
+    if not isinstance(t, Sequence) or isinstance(t, (str, bytes)):
         thresholds = [check_threshold(t)] * len(secondaries)
     else:
         thresholds = [check_threshold(value, f"t[{i}]") for i, value in enumerate(t)]

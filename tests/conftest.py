@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny stand-in checkpoints and a runner for the stock mergekit CLIs."""
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from nearswap_mergekit.tiny import QUARTET, build_family  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+CONFIGS = REPO / "configs"
+BIN = Path(sys.executable).parent
+
+
+def run_cli(*args, cwd, env=None, check=False):
+    """Run a console script of this environment; offline, output captured."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    program = str(BIN / args[0]) if (BIN / args[0]).exists() else args[0]
+    result = subprocess.run(
+        [program, *map(str, args[1:])], cwd=cwd, env=full_env, capture_output=True, text=True
+    )
+    if check and result.returncode:
+        raise AssertionError(f"{args} failed:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def file_digests(folder: Path):
+    return {
+        p.relative_to(folder): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+class Workspace:
+    """A folder holding tiny-quartet/ (the recipes' ./tiny-quartet/NAME paths)."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.models = root / "tiny-quartet"
+
+    def model(self, name: str) -> str:
+        return f"./tiny-quartet/{name}"
+
+    def write_recipe(self, name: str, recipe) -> Path:
+        path = self.root / name
+        if isinstance(recipe, str):
+            path.write_text(recipe)
+        else:
+            path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        return path
+
+    def merge(self, recipe_name: str, out: str, *extra, check=True):
+        return run_cli("mergekit-yaml", recipe_name, out, *extra, cwd=self.root, check=check)
+
+
+@pytest.fixture(scope="session")
+def workspace(tmp_path_factory) -> Workspace:
+    root = tmp_path_factory.mktemp("ws")
+    build_family(root / "tiny-quartet", QUARTET)
+    return Workspace(root)

@@ -1,0 +1,188 @@
+"""The pure-torch kernel against the card's numpy formula, bit for bit."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+from reference import card_nearswap, reference_chain, same_bits
+
+from nearswap_mergekit import nearswap, nearswap_chain
+
+SPECIAL_BITS = [
+    0x00000000, 0x80000000,  # +0, -0
+    0x7F800000, 0xFF800000,  # +inf, -inf
+    0x7FC00000, 0xFFC00000, 0x7FC12345, 0xFFD00001,  # quiet NaNs, payloads
+    0x7F800001, 0xFF800ABC,  # signalling NaNs
+    0x00000001, 0x80000001, 0x007FFFFF,  # subnormals
+    0x00800000, 0x3C23D70A, 0xBC23D70A,  # smallest normal, +-0.01
+    0x7F7FFFFF, 0xFF7FFFFF, 0x3F800000,  # +-max, 1
+]
+THRESHOLDS = [0.0, 1e-45, 1e-4, 1e-3, 1.0, 3.4e38]
+
+
+def all_pairs_of_specials():
+    values = np.array(SPECIAL_BITS, dtype=np.uint32).view(np.float32)
+    return np.repeat(values, len(values)), np.tile(values, len(values))
+
+
+@pytest.mark.parametrize("t", THRESHOLDS)
+def test_every_pair_of_special_values_matches_the_card(t):
+    v0, v1 = all_pairs_of_specials()
+    out = nearswap(torch.from_numpy(v0.copy()), torch.from_numpy(v1.copy()), t)
+    assert same_bits(out, torch.from_numpy(card_nearswap(t, v0, v1)))
+
+
+def test_difference_exactly_t_is_swapped_and_identical_weights_stay():
+    v0 = torch.tensor([0.5, 0.25, 0.1, 0.0], dtype=torch.float32)
+    v1 = v0 + torch.tensor([0.125, 0.0, 0.5, 0.0])
+    out = nearswap(v0, v1, 0.125)
+    expected = torch.from_numpy(card_nearswap(0.125, v0.numpy(), v1.numpy()))
+    assert same_bits(out, expected)
+    assert out[0] == v1[0]  # |v0 - v1| == t: w == 1, full swap
+    assert out[1] == v0[1] and out[3] == 0.0
+    assert out[2] == pytest.approx(0.1 + 0.125)  # moved toward v1 by exactly t
+
+
+@pytest.mark.parametrize("t", [1e-4, 0.0, 1e-2])
+def test_float64_computes_in_float64(t):
+    gen = np.random.default_rng(0)
+    v0 = gen.normal(0, 0.02, 5000)
+    v1 = v0 + gen.normal(0, 1e-3, 5000)
+    out = nearswap(torch.from_numpy(v0), torch.from_numpy(v1), t)
+    assert out.dtype == torch.float64
+    assert same_bits(out, torch.from_numpy(card_nearswap(t, v0, v1)))
+
+
+def quartet(dtype, shape=(37, 129), seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=gen) * 0.02
+    models = [base] + [base + torch.randn(shape, generator=gen) * 0.01 for _ in range(3)]
+    return [m.to(dtype) for m in models]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("round_stages", [True, False])
+def test_chain_matches_reference_for_each_dtype(dtype, round_stages):
+    base, *secondaries = quartet(dtype)
+    ts = [1e-4, 3e-3, 1e-2]
+    out = nearswap_chain(base, secondaries, ts, round_stages=round_stages)
+    assert out.dtype == dtype
+    assert same_bits(out, reference_chain(base, secondaries, ts, round_stages))
+
+
+def test_rounding_stages_matters_in_half_precision():
+    base, *secondaries = quartet(torch.bfloat16)
+    rounded = nearswap_chain(base, secondaries, 1e-2, round_stages=True)
+    carried = nearswap_chain(base, secondaries, 1e-2, round_stages=False)
+    assert not same_bits(rounded, carried)
+
+
+@pytest.mark.parametrize("block_size", [1, 7, 129, 130, 4096, 1 << 20])
+def test_block_size_never_changes_a_bit(block_size):
+    base, *secondaries = quartet(torch.bfloat16, shape=(61, 129))
+    ts = [1e-4, 1e-3, 1e-2]
+    assert same_bits(
+        nearswap_chain(base, secondaries, ts, block_size=block_size),
+        reference_chain(base, secondaries, ts),
+    )
+
+
+def test_thread_count_never_changes_a_bit():
+    base, *secondaries = quartet(torch.float16, shape=(300, 1000))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = nearswap_chain(base, secondaries, 1e-3)
+        torch.set_num_threads(max(2, threads))
+        many = nearswap_chain(base, secondaries, 1e-3)
+    finally:
+        torch.set_num_threads(threads)
+    assert same_bits(one, many)
+
+
+def test_non_contiguous_inputs():
+    base, *secondaries = quartet(torch.float32, shape=(64, 96))
+    views = [base.t(), *(s[:, ::2].repeat(1, 2).t() for s in secondaries)]
+    assert not any(v.is_contiguous() for v in views)
+    out = nearswap_chain(views[0], views[1:], 1e-2, block_size=100)
+    assert out.is_contiguous()
+    assert same_bits(out, reference_chain(views[0], views[1:], [1e-2] * 3))
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (0,), (3, 0, 2), (5, 1, 1, 3)])
+def test_odd_shapes(shape):
+    base, *secondaries = quartet(torch.float32, shape=shape)
+    out = nearswap_chain(base, secondaries, 1e-2, block_size=2)
+    assert out.shape == base.shape
+    assert same_bits(out, reference_chain(base, secondaries, [1e-2] * 3))
+
+
+def test_inputs_are_not_modified():
+    models = quartet(torch.float16)
+    before = [m.clone() for m in models]
+    nearswap_chain(models[0], models[1:], 1e-3)
+    assert all(same_bits(m, b) for m, b in zip(models, before))
+
+
+def test_mixed_dtypes_promote_like_mergekit():
+    base = quartet(torch.float16)[0]
+    secondary = quartet(torch.bfloat16, seed=1)[1]
+    out = nearswap_chain(base, [secondary], 1e-3)
+    assert out.dtype == torch.float32  # torch.promote_types(float16, bfloat16)
+    assert same_bits(out, reference_chain(base, [secondary], [1e-3]))
+
+
+@pytest.mark.parametrize("bad_t", [-1e-4, float("nan"), float("inf"), "0.1", True])
+def test_bad_threshold_is_rejected(bad_t):
+    base, secondary = quartet(torch.float32)[:2]
+    with pytest.raises(ValueError, match="t must be"):
+        nearswap_chain(base, [secondary], bad_t)
+
+
+def test_threshold_count_must_match_secondaries():
+    base, *secondaries = quartet(torch.float32)
+    with pytest.raises(ValueError, match="t has 2 values but there are 3 secondaries"):
+        nearswap_chain(base, secondaries, [1e-4, 1e-4])
+
+
+def test_shape_mismatch_and_missing_secondaries_are_named():
+    base = torch.zeros(3, 4)
+    with pytest.raises(ValueError, match=r"secondaries\[1\] is \(4, 3\)"):
+        nearswap_chain(base, [torch.zeros(3, 4), torch.zeros(4, 3)], 1e-4)
+    with pytest.raises(ValueError, match="at least one secondary"):
+        nearswap_chain(base, [], 1e-4)
+    with pytest.raises(TypeError, match="floating-point"):
+        nearswap_chain(base, [torch.zeros(3, 4, dtype=torch.int32)], 1e-4)
+
+
+# float32 values including every special value; arrays of random lengths.
+float32_values = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    data=st.data(),
+    t=st.floats(0, 1e3, allow_nan=False, allow_subnormal=True),
+    block_size=st.integers(1, 64),
+)
+def test_property_matches_card_bitwise(data, t, block_size):
+    v0 = data.draw(hnp.arrays(np.float32, st.integers(1, 300), elements=float32_values))
+    v1 = data.draw(hnp.arrays(np.float32, v0.shape, elements=float32_values))
+    out = nearswap(torch.from_numpy(v0), torch.from_numpy(v1), t, block_size=block_size)
+    assert same_bits(out, torch.from_numpy(card_nearswap(t, v0, v1)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**31),
+    ts=st.lists(st.sampled_from([0.0, 1e-5, 1e-4, 1e-3, 1e-2]), min_size=1, max_size=4),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+)
+def test_property_chain_matches_reference(seed, ts, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    base = torch.randn(17, 33, generator=gen) * 0.02
+    secondaries = [(base + torch.randn(17, 33, generator=gen) * 1e-3).to(dtype) for _ in ts]
+    base = base.to(dtype)
+    assert same_bits(nearswap_chain(base, secondaries, ts), reference_chain(base, secondaries, ts))

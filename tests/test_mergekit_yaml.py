@@ -1,0 +1,207 @@
+"""The stock mergekit-yaml and mergekit-multi, in a subprocess, on tiny checkpoints."""
+
+import shutil
+
+import pytest
+import torch
+from conftest import CONFIGS, file_digests, run_cli
+from reference import reference_chain, same_bits
+from safetensors.torch import load_file
+
+SECONDARIES = ["wintergoddess", "aurora-nights", "xwin"]
+LAYER_COUNT = 2
+
+
+def load(workspace, name):
+    return load_file(str(workspace.models / name / "model.safetensors"))
+
+
+def expected_output(workspace, secondaries, t_for):
+    """Reference chain per tensor; t_for(tensor_name, model) gives that stage's t."""
+    base = load(workspace, "miqu")
+    others = [load(workspace, name) for name in secondaries]
+    return {
+        name: reference_chain(
+            tensor, [o[name] for o in others], [t_for(name, m) for m in secondaries]
+        )
+        for name, tensor in base.items()
+    }
+
+
+def assert_output_is(workspace, out, expected):
+    merged = load_file(str(workspace.root / out / "model.safetensors"))
+    assert merged.keys() == expected.keys()
+    wrong = [name for name in merged if not same_bits(merged[name], expected[name])]
+    assert not wrong, f"differs from the reference: {wrong}"
+    return merged
+
+
+def recipe(workspace, secondaries, t=1e-4, **extra):
+    models = []
+    for name in secondaries:
+        entry = {"model": workspace.model(name)}
+        if isinstance(t, dict):
+            entry["parameters"] = {"t": t[name]}
+        models.append(entry)
+    result = {
+        "merge_method": "nearswap_chain",
+        "base_model": workspace.model("miqu"),
+        "models": models,
+        "dtype": "float16",
+    }
+    if not isinstance(t, dict):
+        result["parameters"] = {"t": t}
+    result.update(extra)
+    return result
+
+
+def test_demo_recipe_equals_the_reference_chain_bitwise(workspace):
+    shutil.copy(CONFIGS / "demo-quartet.yml", workspace.root)
+    workspace.merge("demo-quartet.yml", "demo-out")
+    merged = assert_output_is(
+        workspace, "demo-out", expected_output(workspace, SECONDARIES, lambda n, m: 1e-4)
+    )
+    base = load(workspace, "miqu")
+    assert all(merged[n].dtype == torch.float16 for n in merged)
+    assert any(not torch.equal(merged[n], base[n]) for n in merged)
+    card = (workspace.root / "demo-out" / "README.md").read_text()
+    assert "NearSwap chain" in card and "QuartetAnemoi-70B-t0.0001" in card
+
+
+def test_swapping_two_secondaries_changes_the_output_as_the_reference_says(workspace):
+    order = ["aurora-nights", "wintergoddess", "xwin"]
+    workspace.write_recipe("swapped.yml", recipe(workspace, order, t=1e-3))
+    workspace.merge("swapped.yml", "swapped-out")
+    swapped = assert_output_is(
+        workspace, "swapped-out", expected_output(workspace, order, lambda n, m: 1e-3)
+    )
+    original = expected_output(workspace, SECONDARIES, lambda n, m: 1e-3)
+    assert any(not same_bits(swapped[n], original[n]) for n in swapped)
+
+
+def test_per_model_t(workspace):
+    ts = {"wintergoddess": 1e-3, "aurora-nights": 1e-4, "xwin": 5e-3}
+    workspace.write_recipe("per-model.yml", recipe(workspace, SECONDARIES, t=ts))
+    workspace.merge("per-model.yml", "per-model-out")
+    assert_output_is(
+        workspace, "per-model-out", expected_output(workspace, SECONDARIES, lambda n, m: ts[m])
+    )
+
+
+def test_layer_gradient_and_filters_of_t(workspace):
+    t = [
+        {"filter": "mlp", "value": 2e-3},
+        {"value": [1e-4, 1e-2]},  # layer 0 -> 1e-4, layer 1 -> 1e-2; others at 0 -> 1e-4
+    ]
+
+    def t_for(name, model):
+        if "mlp" in name:
+            return 2e-3
+        return 1e-2 if name.startswith("model.layers.1.") else 1e-4
+
+    assert LAYER_COUNT == 2
+    workspace.write_recipe("gradient.yml", recipe(workspace, SECONDARIES, t=t))
+    workspace.merge("gradient.yml", "gradient-out")
+    assert_output_is(workspace, "gradient-out", expected_output(workspace, SECONDARIES, t_for))
+
+
+def test_round_stages_false_carries_float32_between_stages(workspace):
+    workspace.write_recipe(
+        "carried.yml",
+        recipe(workspace, SECONDARIES, t=1e-3) | {"parameters": {"t": 1e-3, "round_stages": False}},
+    )
+    workspace.merge("carried.yml", "carried-out")
+    base = load(workspace, "miqu")
+    others = [load(workspace, name) for name in SECONDARIES]
+    expected = {
+        name: reference_chain(tensor, [o[name] for o in others], [1e-3] * 3, round_stages=False)
+        for name, tensor in base.items()
+    }
+    assert_output_is(workspace, "carried-out", expected)
+
+
+def test_one_pass_equals_three_stock_mergekit_multi_stages(workspace):
+    shutil.copy(CONFIGS / "demo-quartet.yml", workspace.root / "one-pass.yml")
+    shutil.copy(CONFIGS / "demo-quartet-multistage.yml", workspace.root)
+    workspace.merge("one-pass.yml", "one-pass-out")
+    run_cli(
+        "mergekit-multi",
+        "demo-quartet-multistage.yml",
+        "-I",
+        workspace.root / "stages",
+        "--out-path",
+        "staged-out",
+        cwd=workspace.root,
+        check=True,
+    )
+    one_pass = load_file(str(workspace.root / "one-pass-out" / "model.safetensors"))
+    staged = load_file(str(workspace.root / "staged-out" / "model.safetensors"))
+    assert one_pass.keys() == staged.keys()
+    assert all(same_bits(one_pass[n], staged[n]) for n in one_pass)
+
+
+def test_merged_model_loads_in_transformers_and_runs(workspace):
+    transformers = pytest.importorskip("transformers")
+    shutil.copy(CONFIGS / "demo-quartet.yml", workspace.root / "for-hf.yml")
+    workspace.merge("for-hf.yml", "hf-out")
+    path = str(workspace.root / "hf-out")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    inputs = tokenizer("the four winds told a story", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**inputs).logits
+    assert logits.shape[-1] == len(tokenizer)
+    assert torch.isfinite(logits).all()
+
+
+def bad_recipe(workspace, case):
+    """A two-secondary recipe broken in one way."""
+    base = f"base_model: {workspace.model('miqu')}\n"
+    models = (
+        "models:\n"
+        f"  - model: {workspace.model('wintergoddess')}\n"
+        f"  - model: {workspace.model('xwin')}\n"
+    )
+    t = "parameters: {t: 0.0001}\n"
+    head = "merge_method: nearswap_chain\n"
+    return {
+        "negative t": head + base + models + "parameters: {t: -0.0001}\n",
+        "NaN t": head + base + models + "parameters: {t: .nan}\n",
+        "t given per model, negative": head
+        + base
+        + models
+        + "    parameters: {t: -1.0}\n"  # under xwin, the last model
+        + t,
+        "no t": head + base + models,
+        "no base": head + models + t,
+        "no secondaries": head + base + f"models:\n  - model: {workspace.model('miqu')}\n" + t,
+        "shapes differ": head + base + models.replace("xwin", "wide") + t,
+    }[case]
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("negative t", "t must be a finite number >= 0; got -0.0001"),
+        ("NaN t", "t must be a finite number >= 0; got nan"),
+        ("t given per model, negative", "got -1.0 (for model ./tiny-quartet/xwin"),
+        ("no t", "Missing required parameter t"),
+        ("no base", "requires a base input"),
+        ("no secondaries", "requires at least 1 non-base inputs"),
+        ("shapes differ", "Tensor size mismatch"),
+    ],
+)
+def test_bad_input_fails_with_a_message_and_leaves_inputs_untouched(workspace, case, message):
+    if case == "shapes differ":
+        from nearswap_mergekit.tiny import TinyLlama, build_family
+
+        if not (workspace.models / "wide").exists():
+            build_family(workspace.root / "wide-family", ["miqu", "wide"], TinyLlama(hidden_size=96))
+            shutil.copytree(workspace.root / "wide-family" / "wide", workspace.models / "wide")
+    before = file_digests(workspace.models)
+    name = f"bad-{case.replace(' ', '-').replace(',', '')}.yml"
+    workspace.write_recipe(name, bad_recipe(workspace, case))
+    result = workspace.merge(name, f"out-{name}", check=False)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+    assert file_digests(workspace.models) == before

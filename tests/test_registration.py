@@ -1,0 +1,174 @@
+"""The start-up hook and explicit registration, each in a fresh interpreter."""
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+SITE_PACKAGES = sysconfig.get_paths()["purelib"]
+HOOK_PTH = REPO / "nearswap_mergekit_hook.pth"
+
+
+def python(code, *flags, env=None, cwd=None):
+    full_env = {k: v for k, v in os.environ.items() if k != "NEARSWAP_MERGEKIT_NO_HOOK"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, *flags, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd or "/",
+    )
+
+
+def test_pth_is_one_ascii_line():
+    text = HOOK_PTH.read_bytes()
+    assert text.isascii() and text.count(b"\n") == 1 and text.startswith(b"import ")
+    assert (REPO / "nearswap_mergekit_hook.start").read_text().strip() == (
+        "nearswap_mergekit_hook:install"
+    )
+
+
+def test_start_up_imports_no_torch_or_mergekit():
+    result = python(
+        """
+        import sys
+        heavy = [m for m in sys.modules if m.split(".")[0] in ("torch", "mergekit", "nearswap_mergekit")]
+        print(heavy, "nearswap_mergekit_hook" in sys.modules)
+        """
+    )
+    assert result.stdout.split() == ["[]", "True"], result.stderr
+
+
+def test_stock_mergekit_finds_the_method_without_importing_the_package():
+    result = python(
+        """
+        from mergekit import merge_methods
+        method = merge_methods.get("nearswap_chain")
+        print(method.spec.pretty_name)
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "NearSwap chain"
+    assert result.stderr == ""
+
+
+def test_environment_variable_switches_the_hook_off():
+    code = """
+        from mergekit import merge_methods
+        try:
+            merge_methods.get("nearswap_chain")
+        except RuntimeError as error:
+            print("absent:", error)
+        import nearswap_mergekit
+        print("explicit:", merge_methods.get("nearswap_chain").spec.name)
+        """
+    result = python(code, env={"NEARSWAP_MERGEKIT_NO_HOOK": "1"})
+    assert "absent: Unimplemented merge method nearswap_chain" in result.stdout, result.stderr
+    assert "explicit: nearswap_chain" in result.stdout
+
+
+def test_python_dash_S_registers_on_import_or_register():
+    code = f"""
+        import sys
+        sys.path[:0] = [{str(REPO)!r}, {SITE_PACKAGES!r}]
+        from mergekit import merge_methods
+        names = lambda: [m.spec.name for m in merge_methods.registered_methods()]
+        print("before:", "nearswap_chain" in names())
+        import nearswap_mergekit
+        print("after import:", "nearswap_chain" in names())
+        print("register again:", nearswap_mergekit.register(), names().count("nearswap_chain"))
+        """
+    result = python(code, "-S")
+    assert result.stdout.split("\n")[:3] == [
+        "before: False",
+        "after import: True",
+        "register again: True 1",
+    ], result.stderr
+
+
+def test_pth_line_is_idempotent_and_harmless_without_its_module():
+    line = HOOK_PTH.read_text()
+    twice = python(
+        f"""
+        import sys
+        exec({line!r}); exec({line!r})
+        print(sum(getattr(f, "_mergekit_plugin_hook", False) for f in sys.meta_path))
+        from mergekit import merge_methods
+        print([m.spec.name for m in merge_methods.registered_methods()].count("nearswap_chain"))
+        """
+    )
+    assert twice.stdout.split() == ["1", "1"], twice.stderr
+    # As if the package were uninstalled and the .pth left behind: nothing happens.
+    orphan = python(f"exec({line!r}); print('ok')", "-S")
+    assert orphan.stdout.strip() == "ok" and orphan.stderr == ""
+
+
+def test_a_broken_plugin_is_logged_once_and_skipped(tmp_path):
+    (tmp_path / "broken_plugin.py").write_text("raise ImportError('simulated failure')\n")
+    dist = tmp_path / "broken_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(
+        "[mergekit.merge_methods]\nbroken = broken_plugin:method\n"
+    )
+    result = python(
+        """
+        from mergekit import merge_methods
+        print(merge_methods.get("linear").spec.name, merge_methods.get("nearswap_chain").spec.name)
+        """,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.stdout.split() == ["linear", "nearswap_chain"], result.stderr
+    assert result.stderr.count("simulated failure") == 1
+    assert "'broken'" in result.stderr
+
+
+@pytest.mark.slow
+def test_built_wheel_in_a_fresh_venv(tmp_path, workspace):
+    """Build the wheel, install it into a new venv, and run the stock mergekit-yaml there."""
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
+         "-q", "-w", str(dist), str(REPO)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = dist.glob("nearswap_mergekit-*.whl")
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    fresh_python = venv / "bin" / "python"
+    fresh_site = subprocess.run(
+        [fresh_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    # mergekit, torch and the rest come from this environment (a path line, no hooks).
+    Path(fresh_site, "shared_dependencies.pth").write_text(SITE_PACKAGES + "\n")
+    subprocess.run(
+        [fresh_python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        check=True, capture_output=True,
+    )
+    for name in ("nearswap_mergekit_hook.pth", "nearswap_mergekit_hook.start", "nearswap_mergekit_hook.py"):
+        assert Path(fresh_site, name).is_file()
+    result = subprocess.run(
+        [fresh_python, "-c",
+         "from mergekit import merge_methods; import nearswap_mergekit as n;"
+         "print(merge_methods.get('nearswap_chain').spec.name, n.__file__)"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    name, location = result.stdout.split()
+    assert name == "nearswap_chain" and location.startswith(fresh_site), result.stderr
+    # The stock mergekit-yaml entry point (mergekit.scripts.run_yaml:main), run by that venv.
+    shutil.copy(REPO / "configs" / "demo-boreangale.yml", workspace.root / "wheel.yml")
+    merge = subprocess.run(
+        [fresh_python, "-c", "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())",
+         "wheel.yml", str(tmp_path / "merged")],
+        capture_output=True, text=True, cwd=workspace.root, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert merge.returncode == 0, merge.stderr
+    assert "NearSwap chain" in (tmp_path / "merged" / "README.md").read_text()
