@@ -85,7 +85,7 @@ def _llama_config(shape: TinyLlama, vocab_size: int) -> Dict:
         "tie_word_embeddings": False,
         "bos_token_id": 0,
         "eos_token_id": 1,
-        "torch_dtype": str(shape.dtype).removeprefix("torch."),
+        "dtype": str(shape.dtype).removeprefix("torch."),
     }
 
 
