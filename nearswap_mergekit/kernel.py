@@ -16,6 +16,8 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from nearswap_mergekit import _fused
+
 #: Elements per block on the CPU: small enough to stay in L2 cache, large enough
 #: to amortise per-op dispatch. Any value gives the same bits.
 CPU_BLOCK_SIZE = 1 << 16
@@ -32,7 +34,7 @@ def check_threshold(t: float, what: str = "t") -> float:
     t = float(t)
     if math.isnan(t) or math.isinf(t) or t < 0:
         raise ValueError(f"{what} must be a finite number >= 0; got {t!r}")
-    return t
+    return t + 0.0  # -0.0 -> +0.0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,6 +49,7 @@ def nearswap_chain(
     *,
     round_stages: bool = True,
     block_size: Optional[int] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """Apply NearSwap stages in order: r0 = base, r_k = NearSwap(t_k, r_(k-1), secondaries[k-1]).
 
@@ -57,8 +60,11 @@ def nearswap_chain(
         round_stages: round each stage's result to the inputs' dtype, as a staged
             merge saving its intermediates in that dtype would; False carries the
             compute dtype between stages.
-        block_size: elements per block (None picks one for the device); never
-            changes the result.
+        block_size: elements per block of the torch path (None picks one for
+            the device); never changes the result.
+        backend: "torch" (blocked torch ops), "fused" (the compiled one-pass
+            loop: contiguous CPU float32/float16/bfloat16 inputs of one dtype), or
+            "auto": fused where it applies, else torch. All give the same bits.
 
     Returns:
         A new contiguous tensor in the inputs' (promoted) dtype. Inputs are not modified.
@@ -102,9 +108,18 @@ def nearswap_chain(
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1; got {block_size}")
 
+    if backend not in ("auto", "fused", "torch"):
+        raise ValueError(f"backend must be 'auto', 'fused' or 'torch'; got {backend!r}")
     out = torch.empty(base.shape, dtype=io_dtype, device=device)
     if out.numel() == 0:
         return out
+    if backend != "torch" and _fused.run(base, secondaries, thresholds, round_stages, out):
+        return out
+    if backend == "fused":
+        raise RuntimeError(
+            "the fused kernel does not apply here (it needs a C compiler and contiguous "
+            "CPU float32/float16/bfloat16 inputs of one dtype); use backend='auto'"
+        )
     # Blocks are whole rows of the leading dimension, so strided inputs are read
     # block by block (copy_ handles strides and the dtype cast into the buffer).
     views = [x.reshape(1) if x.ndim == 0 else x for x in (*tensors, out)]
@@ -165,6 +180,7 @@ def nearswap(
     t: float,
     *,
     block_size: Optional[int] = None,
+    backend: str = "auto",
 ) -> torch.Tensor:
     """One NearSwap stage: move v0 toward v1 by at most t; swap where |v0 - v1| <= t."""
-    return nearswap_chain(v0, [v1], t, block_size=block_size)
+    return nearswap_chain(v0, [v1], t, block_size=block_size, backend=backend)

@@ -20,6 +20,7 @@ SPECIAL_BITS = [
     0x7F7FFFFF, 0xFF7FFFFF, 0x3F800000,  # +-max, 1
 ]
 THRESHOLDS = [0.0, 1e-45, 1e-4, 1e-3, 1.0, 3.4e38]
+BACKENDS = ["torch", "fused"]
 
 
 def all_pairs_of_specials():
@@ -27,11 +28,22 @@ def all_pairs_of_specials():
     return np.repeat(values, len(values)), np.tile(values, len(values))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("t", THRESHOLDS)
-def test_every_pair_of_special_values_matches_the_card(t):
+def test_every_pair_of_special_values_matches_the_card(t, backend):
     v0, v1 = all_pairs_of_specials()
-    out = nearswap(torch.from_numpy(v0.copy()), torch.from_numpy(v1.copy()), t)
+    out = nearswap(torch.from_numpy(v0.copy()), torch.from_numpy(v1.copy()), t, backend=backend)
     assert same_bits(out, torch.from_numpy(card_nearswap(t, v0, v1)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_special_values_in_half_precision_chains(dtype, backend):
+    v0, v1 = (torch.from_numpy(v).to(dtype) for v in all_pairs_of_specials())
+    v2 = v1.flip(0).clone()
+    ts = [1e-3, 0.0]
+    out = nearswap_chain(v0, [v1, v2], ts, backend=backend)
+    assert same_bits(out, reference_chain(v0, [v1, v2], ts))
 
 
 def test_difference_exactly_t_is_swapped_and_identical_weights_stay():
@@ -62,12 +74,13 @@ def quartet(dtype, shape=(37, 129), seed=0):
     return [m.to(dtype) for m in models]
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
 @pytest.mark.parametrize("round_stages", [True, False])
-def test_chain_matches_reference_for_each_dtype(dtype, round_stages):
+def test_chain_matches_reference_for_each_dtype(dtype, round_stages, backend):
     base, *secondaries = quartet(dtype)
     ts = [1e-4, 3e-3, 1e-2]
-    out = nearswap_chain(base, secondaries, ts, round_stages=round_stages)
+    out = nearswap_chain(base, secondaries, ts, round_stages=round_stages, backend=backend)
     assert out.dtype == dtype
     assert same_bits(out, reference_chain(base, secondaries, ts, round_stages))
 
@@ -89,17 +102,33 @@ def test_block_size_never_changes_a_bit(block_size):
     )
 
 
-def test_thread_count_never_changes_a_bit():
-    base, *secondaries = quartet(torch.float16, shape=(300, 1000))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_thread_count_never_changes_a_bit(backend):
+    base, *secondaries = quartet(torch.float16, shape=(700, 1100))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = nearswap_chain(base, secondaries, 1e-3)
+        one = nearswap_chain(base, secondaries, 1e-3, backend=backend)
         torch.set_num_threads(max(2, threads))
-        many = nearswap_chain(base, secondaries, 1e-3)
+        many = nearswap_chain(base, secondaries, 1e-3, backend=backend)
     finally:
         torch.set_num_threads(threads)
     assert same_bits(one, many)
+    assert same_bits(one, reference_chain(base, secondaries, [1e-3] * 3))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_fused_and_torch_paths_agree_on_large_tensors(dtype):
+    base, *secondaries = quartet(dtype, shape=(1001, 1029), seed=3)
+    ts = [1e-4, 1e-3, 3e-3]
+    fused = nearswap_chain(base, secondaries, ts, backend="fused")
+    assert same_bits(fused, nearswap_chain(base, secondaries, ts, backend="torch"))
+
+
+def test_fused_path_refuses_what_it_cannot_do():
+    base, secondary = quartet(torch.float32)[:2]
+    with pytest.raises(RuntimeError, match="backend='auto'"):
+        nearswap_chain(base.t(), [secondary.t()], 1e-3, backend="fused")
 
 
 def test_non_contiguous_inputs():
@@ -166,11 +195,12 @@ float32_values = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_
     data=st.data(),
     t=st.floats(0, 1e3, allow_nan=False, allow_subnormal=True),
     block_size=st.integers(1, 64),
+    backend=st.sampled_from(BACKENDS),
 )
-def test_property_matches_card_bitwise(data, t, block_size):
+def test_property_matches_card_bitwise(data, t, block_size, backend):
     v0 = data.draw(hnp.arrays(np.float32, st.integers(1, 300), elements=float32_values))
     v1 = data.draw(hnp.arrays(np.float32, v0.shape, elements=float32_values))
-    out = nearswap(torch.from_numpy(v0), torch.from_numpy(v1), t, block_size=block_size)
+    out = nearswap(torch.from_numpy(v0), torch.from_numpy(v1), t, block_size=block_size, backend=backend)
     assert same_bits(out, torch.from_numpy(card_nearswap(t, v0, v1)))
 
 
@@ -179,10 +209,12 @@ def test_property_matches_card_bitwise(data, t, block_size):
     seed=st.integers(0, 2**31),
     ts=st.lists(st.sampled_from([0.0, 1e-5, 1e-4, 1e-3, 1e-2]), min_size=1, max_size=4),
     dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32]),
+    backend=st.sampled_from(BACKENDS),
 )
-def test_property_chain_matches_reference(seed, ts, dtype):
+def test_property_chain_matches_reference(seed, ts, dtype, backend):
     gen = torch.Generator().manual_seed(seed)
     base = torch.randn(17, 33, generator=gen) * 0.02
     secondaries = [(base + torch.randn(17, 33, generator=gen) * 1e-3).to(dtype) for _ in ts]
     base = base.to(dtype)
-    assert same_bits(nearswap_chain(base, secondaries, ts), reference_chain(base, secondaries, ts))
+    out = nearswap_chain(base, secondaries, ts, backend=backend)
+    assert same_bits(out, reference_chain(base, secondaries, ts))
