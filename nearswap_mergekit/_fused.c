@@ -58,16 +58,22 @@ static void round_trip(float *a, int dtype, int64_t n) {
     }
 }
 
+/* w = t / |a - b|; NaN, +inf -> 1; clip to [0, 1] (w >= 0 since t >= 0). */
+static inline float weight(float a, float b, float t) {
+    float w = t / __builtin_fabsf(a - b); /* fabs clears the sign bit: |-0| = +0 */
+    return (w <= 1.0f) ? w : 1.0f;
+}
+
+/* (1 - w) * a + w * b, keeping numpy's operand order when both terms are NaN. */
+static inline float mix(float a, float b, float w) {
+    float x = (1.0f - w) * a;
+    float y = w * b;
+    float r = x + y;
+    return (x != x) ? x : r;
+}
+
 static void stage(float *restrict a, const float *restrict b, float t, int64_t n) {
-    for (int64_t j = 0; j < n; j++) {
-        float d = __builtin_fabsf(a[j] - b[j]); /* clears the sign bit: |-0| = +0 */
-        float w = t / d;
-        w = (w <= 1.0f) ? w : 1.0f; /* NaN, +inf and > 1 -> 1; w >= 0 always */
-        float x = (1.0f - w) * a[j];
-        float y = w * b[j];
-        float r = x + y;
-        a[j] = (x != x) ? x : r; /* keep numpy's operand order for two NaNs */
-    }
+    for (int64_t j = 0; j < n; j++) a[j] = mix(a[j], b[j], weight(a[j], b[j], t));
 }
 
 /* out[start:stop] = chain(base, secondaries, t); every array has `dtype`. */
@@ -84,5 +90,43 @@ void nearswap_chain_range(const void *base, const void *const *secondaries, cons
             if (round_stages) round_trip(a, dtype, n);
         }
         store(out, dtype, i, n, a);
+    }
+}
+
+/* One stage over a block of rows, with the per-row statistics `stats` reports.
+ * a: float32 rows (in: v0, out: the stage's result); b: the secondary's rows in
+ * `dtype`. Per row: elements equal in v0 and v1, elements fully swapped (w == 1),
+ * elements moved (result != v0, finite shift) and the sum of their |shift|. */
+void nearswap_stage_rows(float *restrict a, const void *b_rows, float t, int dtype,
+                         int round_stages, int64_t rows, int64_t row_len,
+                         int64_t *identical, int64_t *full, int64_t *moved,
+                         double *shift_sum) {
+    float b[BLOCK], r[BLOCK];
+    for (int64_t row = 0; row < rows; row++) {
+        int64_t same = 0, swapped = 0, count = 0;
+        double shift = 0.0;
+        for (int64_t i = 0; i < row_len; i += BLOCK) {
+            int64_t n = row_len - i < BLOCK ? row_len - i : BLOCK;
+            float *x = a + row * row_len + i;
+            load(b_rows, dtype, row * row_len + i, n, b);
+            for (int64_t j = 0; j < n; j++) {
+                float w = weight(x[j], b[j], t);
+                r[j] = mix(x[j], b[j], w);
+                same += x[j] == b[j];
+                swapped += w == 1.0f;
+            }
+            if (round_stages) round_trip(r, dtype, n);
+            for (int64_t j = 0; j < n; j++) {
+                float s = __builtin_fabsf(r[j] - x[j]);
+                int m = (r[j] != x[j]) & (s <= 3.4028234663852886e38f);
+                count += m;
+                shift += m ? (double)s : 0.0;
+                x[j] = r[j];
+            }
+        }
+        identical[row] = same;
+        full[row] = swapped;
+        moved[row] = count;
+        shift_sum[row] = shift;
     }
 }

@@ -71,6 +71,17 @@ def _build() -> Optional[ctypes.CDLL]:
             )
             os.replace(built, target)  # atomic: concurrent builders are harmless
     library = ctypes.CDLL(str(target))
+    library.nearswap_stage_rows.restype = None
+    library.nearswap_stage_rows.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_float,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        *[ctypes.c_void_p] * 4,
+    ]
     library.nearswap_chain_range.restype = None
     library.nearswap_chain_range.argtypes = [
         ctypes.c_void_p,
@@ -152,4 +163,21 @@ def run(
     ]
     for future in futures:
         future.result()
+    return True
+
+
+def stage_rows(
+    a: torch.Tensor, b: torch.Tensor, t: float, round_stages: bool, stats: List[torch.Tensor]
+) -> bool:
+    """One stage with per-row statistics (see _fused.c); False where this path does not apply."""
+    if not (a.dtype == torch.float32 and supports([a]) and supports([b]) and a.numel() == b.numel()):
+        return False
+    lib = library()
+    if lib is None:
+        return False
+    rows = a.shape[0]
+    lib.nearswap_stage_rows(
+        a.data_ptr(), b.data_ptr(), t, DTYPE_CODES[b.dtype], int(round_stages), rows,
+        a.numel() // max(rows, 1), *(s.data_ptr() for s in stats),
+    )
     return True

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -60,6 +62,144 @@ def demo(workdir: str, recipe: str):
     if result.returncode:
         raise click.ClickException(f"mergekit-yaml failed with exit code {result.returncode}")
     click.echo(f"merged model: {out} ({time.perf_counter() - started:.1f} s)")
+
+
+def _sample_option(function):
+    return click.option(
+        "--sample",
+        default=1.0,
+        show_default=True,
+        type=float,
+        callback=_check_sample,
+        help="Fraction of each tensor's rows to read (a deterministic random subset); 1 is exact.",
+    )(function)
+
+
+def _check_sample(_ctx, _param, value):
+    if not 0 < value <= 1:
+        raise click.BadParameter(f"must be in (0, 1]; got {value}")
+    return value
+
+
+def _check_ts(_ctx, _param, values):
+    for value in values:
+        if not (value >= 0 and value != float("inf")):
+            raise click.BadParameter(f"t must be a finite number >= 0; got {value}")
+    return values
+
+
+def _plan(recipe: str):
+    from nearswap_mergekit import stats
+
+    try:
+        config = stats.load_recipe(recipe)
+        return stats.plan(config)
+    except stats.RecipeError as error:
+        raise click.ClickException(str(error)) from None
+    except Exception as error:  # unreadable checkpoints, missing files, bad shapes
+        raise click.ClickException(
+            f"cannot read the models of {recipe}: {type(error).__name__}: {error}"
+        ) from None
+
+
+def _percent(value: float, se: float, sample: float) -> str:
+    return f"{100 * value:7.3f}%" + (f" ± {100 * se:.3f}" if sample < 1 else "")
+
+
+def _write_json(path: Optional[str], report: dict):
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+        click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--t", "ts", multiple=True, type=float, callback=_check_ts,
+              help="Threshold(s) to evaluate instead of the recipe's own; repeat for a ladder.")
+@_sample_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def stats(recipe, ts, sample, json_path, plot_path, quiet):
+    """Per stage of RECIPE's chain: how many weights are identical, fully swapped and
+    moved, and by how much; per layer and per tensor in --json. Writes no model."""
+    from nearswap_mergekit import stats as stats_module
+
+    if plot_path:
+        _require_matplotlib()
+    jobs = _plan(recipe)
+    if not jobs:
+        raise click.ClickException(f"{recipe}: no tensor has both a base and a secondary")
+    try:
+        report = stats_module.stats_report(recipe, jobs, list(ts) or [None], sample, not quiet)
+    except Exception as error:
+        raise click.ClickException(f"cannot read the models of {recipe}: {type(error).__name__}: {error}") from None
+    for result in report["results"]:
+        label = "the recipe's own t" if result["t"] is None else f"t = {result['t']:g}"
+        click.echo(f"\n{label}" + (f" (sample {sample:g}, ± one standard error)" if sample < 1 else ""))
+        click.echo(f"{'stage':>5}  {'t':>9}  {'elements':>12}  {'identical':>10}  {'full swap':>10}  {'mean |shift|':>12}  model")
+        for index, stage in enumerate(result["stages"], 1):
+            click.echo(
+                f"{index:>5}  {stage['t']:>9.3g}  {stage['elements']:>12,}  "
+                f"{_percent(stage['identical_fraction'], stage['identical_fraction_se'], sample):>10}  "
+                f"{_percent(stage['full_swap_fraction'], stage['full_swap_fraction_se'], sample):>10}  "
+                f"{stage['mean_abs_shift']:>12.4g}  {stage['model']}"
+            )
+    if len(report["results"]) > 1:
+        click.echo("\n% of weights fully swapped per pass")
+        stages = len(report["results"][0]["stages"])
+        click.echo(f"{'t':>9}  " + "  ".join(f"{'stage ' + str(i):>9}" for i in range(1, stages + 1)) + "       mean")
+        for result in report["results"]:
+            values = [100 * s["full_swap_fraction"] for s in result["stages"]]
+            click.echo(f"{result['t']:>9.3g}  " + "  ".join(f"{v:>8.3f}%" for v in values)
+                       + f"  {sum(values) / len(values):>8.3f}%")
+    _write_json(json_path, report)
+    if plot_path:
+        from nearswap_mergekit.plot import plot_report
+
+        plot_report(report, plot_path)
+        click.echo(f"wrote {plot_path}")
+
+
+def _require_matplotlib():
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise click.ClickException(
+            "--plot needs matplotlib: pip install 'nearswap-mergekit[plot]'"
+        ) from None
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--target-swap", required=True, type=float,
+              help="Wanted fraction of weights fully swapped per pass, e.g. 0.008.")
+@_sample_option
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the result here.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def calibrate(recipe, target_swap, sample, json_path, quiet):
+    """Suggest the t that fully swaps --target-swap of the weights per pass: per stage,
+    and one global t for the whole chain."""
+    from nearswap_mergekit import stats as stats_module
+
+    if not 0 < target_swap < 1:
+        raise click.BadParameter(f"must be in (0, 1); got {target_swap}", param_hint="--target-swap")
+    jobs = _plan(recipe)
+    if not jobs:
+        raise click.ClickException(f"{recipe}: no tensor has both a base and a secondary")
+    result = stats_module.calibrate(jobs, target_swap, sample, not quiet)
+    click.echo(f"\ntarget: {100 * target_swap:.3f}% fully swapped per pass")
+    for index, stage in enumerate(result["stages"], 1):
+        click.echo(
+            f"stage {index}: t = {stage['t']:.4g}  achieves {100 * stage['achieved_full_swap_fraction']:.3f}%"
+            f"  ({stage['model']})"
+        )
+    click.echo(
+        f"global t = {result['global_t']:.4g}  achieves {100 * result['global_achieved_full_swap_fraction']:.3f}%"
+        " per pass on average"
+    )
+    click.echo(result["method"])
+    _write_json(json_path, result)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ so the extra memory beyond the output is O(block_size) however large the tensors
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -184,3 +184,48 @@ def nearswap(
 ) -> torch.Tensor:
     """One NearSwap stage: move v0 toward v1 by at most t; swap where |v0 - v1| <= t."""
     return nearswap_chain(v0, [v1], t, block_size=block_size, backend=backend)
+
+
+def stage_with_row_stats(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    t: float,
+    *,
+    round_stages: bool = True,
+    backend: str = "auto",
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One stage on a block of rows, in place, with the statistics of each row.
+
+    Args:
+        a: float32 rows, shape (rows, row_len): v0 in, the stage's result out
+            (rounded to b's dtype when round_stages, as the chain does).
+        b: the secondary's rows, contiguous, in the dtype the merge reads them in.
+
+    Returns:
+        Per row: elements with v0 == v1; elements fully swapped (w == 1, equal
+        ones included); elements moved (result != v0, finite shift); and the sum
+        of those moved elements' |shift| (float64).
+    """
+    t = check_threshold(t)
+    rows = a.shape[0]
+    counts = [torch.zeros(rows, dtype=torch.int64) for _ in range(3)]
+    stats = [*counts, torch.zeros(rows, dtype=torch.float64)]
+    if backend != "torch" and _fused.stage_rows(a, b, t, round_stages, stats):
+        return tuple(stats)
+    v1 = b.reshape(a.shape).to(torch.float32)
+    result, weight, scratch = a.clone(), torch.empty_like(a), torch.empty_like(a)
+    one = torch.ones((), dtype=torch.float32)
+    _stage(result.view(-1), v1.clone().view(-1), torch.tensor(t, dtype=torch.float32), one,
+           scratch.view(-1), weight.view(-1))
+    if round_stages and b.dtype != torch.float32:
+        result = result.to(b.dtype).to(torch.float32)
+    shift = (result - a).abs_()
+    moved = (result != a) & (shift <= torch.finfo(torch.float32).max)
+    stats = (
+        (a == v1).sum(1),
+        (weight == 1).sum(1),
+        moved.sum(1),
+        torch.where(moved, shift, 0).to(torch.float64).sum(1),
+    )
+    a.copy_(result)
+    return stats

@@ -1,0 +1,294 @@
+"""NearSwap benchmarks: the kernel on one 70B-shaped group, and end-to-end merges
+through the stock mergekit CLIs, contenders alternated in one run.
+
+    .venv/bin/python benchmarks/run.py            # writes benchmarks/results/latest.{json,md}
+
+Checkpoints are generated once under benchmarks/work/ (four bf16 Llama-shaped
+models, about 0.5B parameters each by default) and reused by later runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import torch
+import yaml
+
+from nearswap_mergekit import nearswap_chain
+from nearswap_mergekit.tiny import QUARTET, TinyLlama, build_family
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+T = 1e-4
+
+# The launcher reports the child's own rusage, so peak RSS is per run.
+MEASURE = (
+    "import json, resource, subprocess, sys, time\n"
+    "start = time.perf_counter()\n"
+    "code = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode\n"
+    "wall = time.perf_counter() - start\n"
+    "usage = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+    "print(json.dumps({'code': code, 'wall_s': wall, 'cpu_s': usage.ru_utime + usage.ru_stime,"
+    " 'peak_rss_mb': usage.ru_maxrss / 1024}))\n"
+)
+
+
+def machine() -> str:
+    cpu = next(
+        (l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+         if l.startswith("model name")),
+        platform.processor(),
+    )
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, torch {torch.__version__}"
+
+
+def median_time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def stock_nearswap_formula(base, secondaries, t):
+    """mergekit 0.1.5's nearswap, verbatim, chained (in the checkpoint dtype)."""
+    a = base
+    for b in secondaries:
+        absdiff = torch.abs(a - b)
+        weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
+        a = weight * b + (1 - weight) * a
+    return a
+
+
+def kernel_benchmark(repeats: int, rows: int = 8192, cols: int = 28672):
+    """One Llama-2-70B MLP group (8192 x 28672), four bf16 inputs, three stages."""
+    gen = torch.Generator().manual_seed(0)
+    base = (torch.randn(rows, cols, generator=gen) * 0.02).to(torch.bfloat16)
+    secondaries = [
+        (base.float() + torch.randn(rows, cols, generator=gen) * 0.01).to(torch.bfloat16)
+        for _ in range(3)
+    ]
+    inputs = [base, *secondaries]
+    input_gb = sum(x.numel() * x.element_size() for x in inputs) / 1e9
+    out = torch.empty_like(base)
+
+    def plain_copy():
+        for x in inputs:
+            out.copy_(x)
+
+    contenders = {
+        "nearswap_chain (fused)": lambda: nearswap_chain(base, secondaries, T, backend="fused"),
+        "nearswap_chain (torch path)": lambda: nearswap_chain(base, secondaries, T, backend="torch"),
+        "stock nearswap formula": lambda: stock_nearswap_formula(base, secondaries, T),
+        "plain copy of the inputs": plain_copy,
+    }
+    times = {name: [] for name in contenders}
+    for _ in range(repeats):  # alternate the contenders
+        for name, fn in contenders.items():
+            times[name].append(median_time(fn, 1))
+    return {
+        "shape": [rows, cols],
+        "input_gb": input_gb,
+        "gb_per_s": {name: input_gb / statistics.median(ts) for name, ts in times.items()},
+        "seconds": {name: statistics.median(ts) for name, ts in times.items()},
+    }
+
+
+def benchmark_spec(params: float) -> TinyLlama:
+    hidden, intermediate = 1536, 4096
+    per_layer = 2 * hidden * hidden + 2 * hidden * 384 + 3 * hidden * intermediate
+    layers = max(1, round(params / per_layer))
+    return TinyLlama(
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        dtype=torch.bfloat16,
+    )
+
+
+def make_checkpoints(work: Path, params: float) -> dict:
+    spec = benchmark_spec(params)
+    models = work / f"models-{spec.num_hidden_layers}L"
+    if not all((models / name / "model.safetensors").exists() for name in QUARTET):
+        click.echo(f"generating four {params / 1e9:.2f}B-parameter checkpoints in {models}")
+        build_family(models, QUARTET, spec)
+    return {name: str(models / name) for name in QUARTET}
+
+
+def recipes(paths: dict) -> dict:
+    base, *secondaries = (paths[name] for name in QUARTET)
+
+    def one(method, base_model, models, params=None, dtype="bfloat16", name=None):
+        doc = {"merge_method": method, "base_model": base_model, "models": models, "dtype": dtype}
+        if params:
+            doc["parameters"] = params
+        if name:
+            doc = {"name": name, **doc}
+        return doc
+
+    def staged(method, dtype):
+        docs, previous = [], base
+        for index, secondary in enumerate(secondaries, 1):
+            name = f"stage{index}" if index < len(secondaries) else None
+            docs.append(one(method, previous, [{"model": secondary}], {"t": T}, dtype, name))
+            previous = name
+        return docs
+
+    return {
+        "a": [one("nearswap_chain", base, [{"model": s} for s in secondaries], {"t": T})],
+        "b": staged("nearswap", "float32"),
+        "c": staged("nearswap_chain", "bfloat16"),
+        "d": [
+            one(
+                "linear",
+                base,
+                [{"model": m, "parameters": {"weight": w}} for m, w in
+                 zip([base, *secondaries], [1, 0, 0, 0])],
+            )
+        ],
+    }
+
+
+CONTENDERS = {
+    "a": "nearswap_chain, one pass",
+    "b": "stock nearswap, 3 mergekit-multi stages, dtype float32",
+    "c": "nearswap_chain, 3 mergekit-multi stages",
+    "d": "I/O floor: stock linear, weights 1, 0, 0, 0",
+}
+
+
+def run_merge(key: str, docs: list, work: Path) -> dict:
+    recipe = work / f"recipe-{key}.yml"
+    recipe.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    out = work / f"out-{key}"
+    stages = work / f"stages-{key}"
+    subprocess.run(["rm", "-rf", str(out), str(stages)], check=True)
+    if len(docs) == 1:
+        command = [str(BIN / "mergekit-yaml"), str(recipe), str(out)]
+    else:
+        command = [str(BIN / "mergekit-multi"), str(recipe), "-I", str(stages),
+                   "--out-path", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, *command],
+        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    stats = json.loads(result.stdout.strip().splitlines()[-1])
+    if stats["code"]:
+        raise click.ClickException(f"{key} failed:\n{result.stderr[-2000:]}")
+    return stats
+
+
+def end_to_end(paths: dict, work: Path, repeats: int) -> dict:
+    plans = recipes(paths)
+    runs = {key: [] for key in plans}
+    for repeat in range(repeats):
+        order = list(plans)[repeat % len(plans):] + list(plans)[: repeat % len(plans)]
+        for key in order:
+            runs[key].append(run_merge(key, plans[key], work))
+            click.echo(f"  run {repeat + 1}/{repeats} {key}: {runs[key][-1]['wall_s']:.1f} s")
+    return {
+        key: {
+            "label": CONTENDERS[key],
+            **{m: statistics.median(r[m] for r in rs) for m in ("wall_s", "cpu_s", "peak_rss_mb")},
+        }
+        for key, rs in runs.items()
+    }
+
+
+def markdown(report: dict) -> str:
+    k = report["kernel"]
+    g = k["gb_per_s"]
+    ours = g["nearswap_chain (fused)"]
+    lines = [
+        f"Measured {report['date']} on {report['machine']}.",
+        "",
+        f"**Kernel**: one {k['shape'][0]} x {k['shape'][1]} group, four bf16 inputs "
+        f"({k['input_gb']:.2f} GB), three stages at t = {T}; median of {report['repeats']}.",
+        "",
+        "| contender | GB/s of input | ours vs it |",
+        "|---|---:|---:|",
+    ]
+    for name, value in g.items():
+        lines.append(f"| {name} | {value:.2f} | {ours / value:.2f}x |")
+    e = report["end_to_end"]
+    floor = e["d"]
+    lines += [
+        "",
+        f"**End to end**: four {report['params'] / 1e9:.2f}B-parameter bf16 checkpoints "
+        f"({report['checkpoint_gb']:.2f} GB each), stock CLIs, page cache warm, median of "
+        f"{report['repeats']}, contenders alternated.",
+        "",
+        "| contender | wall s | CPU s | peak RSS MB | wall / floor (d) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for key, row in e.items():
+        lines.append(
+            f"| ({key}) {row['label']} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
+            f"{row['peak_rss_mb']:.0f} | {row['wall_s'] / floor['wall_s']:.2f}x |"
+        )
+    goals = report["goals"]
+    lines += ["", "| goal | measured | met |", "|---|---:|:---:|"]
+    for goal in goals:
+        lines.append(f"| {goal['goal']} | {goal['measured']:.2f} | {'yes' if goal['met'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def goals(report: dict) -> list:
+    g = report["kernel"]["gb_per_s"]
+    e = report["end_to_end"]
+    ours = g["nearswap_chain (fused)"]
+    rows = [
+        ("kernel: ours / stock formula >= 20", ours / g["stock nearswap formula"], 20, True),
+        ("kernel: copy / ours <= 3", g["plain copy of the inputs"] / ours, 3, False),
+        ("end to end: (a) / (d) wall <= 1.15", e["a"]["wall_s"] / e["d"]["wall_s"], 1.15, False),
+        ("end to end: (b) / (a) wall >= 2.5", e["b"]["wall_s"] / e["a"]["wall_s"], 2.5, True),
+        ("end to end: (a) / (d) peak RSS <= 1.05",
+         e["a"]["peak_rss_mb"] / e["d"]["peak_rss_mb"], 1.05, False),
+    ]
+    return [
+        {"goal": name, "measured": value, "met": value >= bound if at_least else value <= bound}
+        for name, value, bound, at_least in rows
+    ]
+
+
+@click.command()
+@click.option("--params", default=5e8, show_default=True, help="Parameters per checkpoint.")
+@click.option("--repeats", default=3, show_default=True)
+@click.option("--work", default=str(HERE / "work"), show_default=True, type=click.Path())
+@click.option("--results", default=str(HERE / "results"), show_default=True, type=click.Path())
+@click.option("--skip-kernel", is_flag=True)
+def main(params, repeats, work, results, skip_kernel):
+    """Run the kernel and end-to-end benchmarks and write latest.json and latest.md."""
+    work, results = Path(work).resolve(), Path(results).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    results.mkdir(parents=True, exist_ok=True)
+    report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "repeats": repeats,
+              "params": params, "t": T}
+    if not skip_kernel:
+        click.echo("kernel benchmark")
+        report["kernel"] = kernel_benchmark(repeats)
+    paths = make_checkpoints(work, params)
+    report["checkpoint_gb"] = (Path(paths["miqu"]) / "model.safetensors").stat().st_size / 1e9
+    click.echo("end-to-end benchmark")
+    report["end_to_end"] = end_to_end(paths, work, repeats)
+    if not skip_kernel:
+        report["goals"] = goals(report)
+        (results / "latest.md").write_text(markdown(report))
+    (results / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    click.echo((results / "latest.md").read_text() if not skip_kernel else json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,423 @@
+"""Swap statistics of a `nearswap_chain` recipe, read the way the merge reads it.
+
+mergekit's own planner resolves the recipe (models, slices, per-model t, filters,
+layer gradients, dtype); its loader finds each tensor; rows are read straight
+from the safetensors files, all of them or a deterministic random subset
+(`sample` < 1), and run through the same kernel as the merge, stage by stage.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zlib
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from nearswap_mergekit.kernel import stage_with_row_stats
+
+METHOD = "nearswap_chain"
+#: Elements per block of rows read and processed at once.
+BLOCK_ELEMENTS = 1 << 20
+_LAYER = re.compile(r"\.layers\.(\d+)\.")
+
+
+class RecipeError(ValueError):
+    """A recipe that stats cannot work on; the message says why and how to fix it."""
+
+
+@dataclass
+class Stage:
+    model: str
+    tensor: str
+    t: float
+
+
+@dataclass
+class TensorJob:
+    """One output tensor: where its inputs are, and each stage's t."""
+
+    name: str
+    base_model: str
+    base_tensor: str
+    stages: List[Stage]
+    dtype: Optional[torch.dtype]
+    round_stages: bool
+    readers: Dict[str, "RowReader"] = field(default_factory=dict, repr=False)
+
+    @property
+    def layer(self) -> Optional[int]:
+        match = _LAYER.search(self.name)
+        return int(match.group(1)) if match else None
+
+
+def load_recipe(path: str):
+    """Parse a recipe with mergekit's own MergeConfiguration."""
+    from mergekit.config import MergeConfiguration
+
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe {path!r} does not exist")
+    try:
+        config = MergeConfiguration.model_validate(yaml.safe_load(Path(path).read_text()))
+    except yaml.YAMLError as error:
+        raise RecipeError(f"recipe {path!r} is not valid YAML: {error}") from None
+    except Exception as error:
+        raise RecipeError(f"recipe {path!r} is not a mergekit recipe: {error}") from None
+    if config.merge_method != METHOD:
+        raise RecipeError(
+            f"recipe {path!r} uses merge_method {config.merge_method!r}; "
+            f"stats and calibrate work on {METHOD!r} recipes"
+        )
+    return config
+
+
+class RowReader:
+    """Rows of one tensor of one model, read through mergekit's loader index."""
+
+    def __init__(self, model, names: Sequence[str]):
+        from mergekit.io.tasks import LoaderCache
+
+        loader = LoaderCache().get(model)
+        self.name = next((n for n in names if n in loader.index.tensor_paths), None)
+        if self.name is None:
+            self.shape = None
+            return
+        path = loader.index.tensor_paths[self.name]
+        path = path if os.path.isabs(path) else os.path.join(loader.index.base_path, path)
+        if loader.index.is_safetensors:
+            from safetensors import safe_open
+
+            self._slice = safe_open(path, framework="pt").get_slice(self.name)
+            self.shape = tuple(self._slice.get_shape())
+            self.dtype = None
+        else:
+            tensor = loader.get_tensor(self.name)
+            self._slice = tensor
+            self.shape = tuple(tensor.shape)
+        self.rows = self.shape[0] if len(self.shape) >= 2 else 1
+        self.row_len = math.prod(self.shape[1:]) if len(self.shape) >= 2 else math.prod(self.shape)
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        if len(self.shape) < 2:
+            data = self._slice[:] if hasattr(self._slice, "get_shape") else self._slice
+            return data.reshape(1, -1)
+        return self._slice[start:stop].reshape(stop - start, self.row_len)
+
+
+def plan(config, options=None) -> List[TensorJob]:
+    """Every output tensor of the recipe, as mergekit's planner resolves it."""
+    from mergekit.architecture import get_architecture_info
+    from mergekit.io.tasks import LoaderCache
+    from mergekit.merge import _model_out_config
+    from mergekit.options import MergeOptions
+    from mergekit.plan import MergePlanner
+
+    import nearswap_mergekit  # noqa: F401  (registers the method)
+
+    options = options or MergeOptions()
+    config = config.model_copy(deep=True)
+    arch_info = get_architecture_info(config, options)
+    LoaderCache().setup(options)
+    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    planned = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
+    jobs = []
+    # plan_in_memory() fails in mergekit 0.1.5 (pydantic cannot validate its
+    # Task[Tensor] field); plan_to_disk only builds tasks, and none is executed.
+    for saved in planned.plan_to_disk(out_path=os.devnull):
+        task = getattr(saved, "tensor_task", None)
+        if not hasattr(task, "model_order"):
+            continue  # the writer's finalize and tokenizer tasks
+        gather = getattr(task.gather_tensors, "gather_tensors", task.gather_tensors)
+        readers = {}
+        for model in task.model_order:
+            info = gather.weight_info[model]
+            reader = RowReader(model, [info.name, *(info.aliases or ()), *(info.tied_names or ())])
+            if reader.shape is not None:
+                readers[str(model)] = reader
+        base = str(task.base_model)
+        if base not in readers:
+            continue  # a weight the base lacks: nothing NearSwap does to it
+        stages = [
+            Stage(str(model), readers[str(model)].name, float(task.input_parameters[model]["t"]))
+            for model in task.model_order
+            if str(model) != base and str(model) in readers
+        ]
+        if not stages:
+            continue  # passed through from the base
+        shapes = {readers[name].shape for name in [base, *(s.model for s in stages)]}
+        if len(shapes) > 1:
+            raise RecipeError(f"tensor {saved.tensor_name}: shapes differ between models: {sorted(shapes)}")
+        jobs.append(
+            TensorJob(
+                name=saved.tensor_name,
+                base_model=base,
+                base_tensor=readers[base].name,
+                stages=stages,
+                dtype=getattr(torch, gather.dtype) if gather.dtype else None,
+                round_stages=bool(task.parameters.get("round_stages", True)),
+                readers=readers,
+            )
+        )
+    return jobs
+
+
+def sampled_rows(name: str, rows: int, sample: float) -> List[range]:
+    """A deterministic random subset of rows (all for sample == 1), as runs."""
+    if sample >= 1 or rows <= 2:
+        return [range(0, rows)]
+    count = min(rows, max(2, math.ceil(sample * rows)))
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+    chosen = sorted(torch.randperm(rows, generator=generator)[:count].tolist())
+    runs, start = [], chosen[0]
+    for previous, current in zip(chosen, chosen[1:] + [None]):
+        if current != previous + 1:
+            runs.append(range(start, previous + 1))
+            start = current
+    return runs
+
+
+class RowSums:
+    """Sums over sampled rows of per-row counts, enough for means and standard errors."""
+
+    FIELDS = ("identical", "full", "moved", "shift")
+
+    def __init__(self, rows: int, row_len: int):
+        self.rows, self.row_len, self.n = rows, row_len, 0
+        self.sum = dict.fromkeys(self.FIELDS, 0.0)
+        self.sq = dict.fromkeys(self.FIELDS, 0.0)
+        self.shift_moved = 0.0
+
+    def add(self, identical, full, moved, shift):
+        values = dict(zip(self.FIELDS, (x.to(torch.float64) for x in (identical, full, moved, shift))))
+        self.n += len(identical)
+        for key, value in values.items():
+            self.sum[key] += value.sum().item()
+            self.sq[key] += (value * value).sum().item()
+        self.shift_moved += (values["shift"] * values["moved"]).sum().item()
+
+    def total(self, key):
+        """Estimated total over all rows, and its variance."""
+        s = self.sum[key]
+        return self.rows * s / self.n, self._total_covariance(self.sq[key], s, s)
+
+    def _total_covariance(self, sum_xy, sum_x, sum_y) -> float:
+        """Covariance of two estimated totals (simple random sampling of rows,
+        finite population corrected: zero when every row was read)."""
+        n = self.n
+        if n >= self.rows or n < 2:
+            return 0.0
+        covariance = (sum_xy - sum_x * sum_y / n) / (n - 1)
+        return self.rows**2 * (1 - n / self.rows) * covariance / n
+
+    def ratio_terms(self, ratio):
+        """Variance term of total(shift) - ratio * total(moved), for the ratio estimate's SE."""
+        s, c = self.sum["shift"], self.sum["moved"]
+        var_s = self._total_covariance(self.sq["shift"], s, s)
+        var_c = self._total_covariance(self.sq["moved"], c, c)
+        cov = self._total_covariance(self.shift_moved, s, c)
+        return var_s - 2 * ratio * cov + ratio * ratio * var_c
+
+
+def summarize(sums: Sequence[RowSums]) -> Dict[str, float]:
+    elements = sum(s.rows * s.row_len for s in sums)
+    out = {"elements": elements}
+    for key, label in (("identical", "identical_fraction"), ("full", "full_swap_fraction")):
+        totals = [s.total(key) for s in sums]
+        out[label] = sum(t for t, _ in totals) / elements if elements else 0.0
+        out[label + "_se"] = math.sqrt(sum(v for _, v in totals)) / elements if elements else 0.0
+    shift = sum(s.total("shift")[0] for s in sums)
+    moved = sum(s.total("moved")[0] for s in sums)
+    ratio = shift / moved if moved else 0.0
+    out["mean_abs_shift"] = ratio
+    out["mean_abs_shift_se"] = (
+        math.sqrt(max(0.0, sum(s.ratio_terms(ratio) for s in sums))) / moved if moved else 0.0
+    )
+    out["moved_fraction"] = moved / elements if elements else 0.0
+    return out
+
+
+#: A setting gives each stage's t: (job, stage index) -> t.
+Setting = Callable[[TensorJob, int], float]
+
+
+def recipe_t(job: TensorJob, index: int) -> float:
+    return job.stages[index].t
+
+
+def measure(
+    jobs: Sequence[TensorJob],
+    settings: Sequence[Setting],
+    sample: float = 1.0,
+    progress: bool = True,
+    stages_limit: Optional[int] = None,
+) -> List[List[Dict[str, RowSums]]]:
+    """Per setting, per stage: tensor name -> RowSums. Reads every input once.
+
+    stages_limit runs only the first stages of the chain."""
+    if not 0 < sample <= 1:
+        raise ValueError(f"sample must be in (0, 1]; got {sample}")
+    stages = max(len(job.stages) for job in jobs) if jobs else 0
+    results = [[{} for _ in range(stages)] for _ in settings]
+    runs = {job.name: sampled_rows(job.name, job.readers[job.base_model].rows, sample) for job in jobs}
+    total = sum(
+        len(r) * job.readers[job.base_model].row_len for job in jobs for r in runs[job.name]
+    )
+    bar = tqdm(total=total, unit="weights", unit_scale=True, desc="reading", disable=not progress)
+    for job in jobs:
+        base = job.readers[job.base_model]
+        models = [job.readers[stage.model] for stage in job.stages[:stages_limit]]
+        dtype = job.dtype or _promoted([base, *models])
+        for setting_index, setting in enumerate(settings):
+            for k in range(len(models)):
+                results[setting_index][k][job.name] = RowSums(base.rows, base.row_len)
+        rows_per_block = max(1, BLOCK_ELEMENTS // max(base.row_len, 1))
+        for run in runs[job.name]:
+            for start in range(run.start, run.stop, rows_per_block):
+                stop = min(start + rows_per_block, run.stop)
+                v0 = base.read(start, stop).to(torch.float32)
+                secondaries = [m.read(start, stop).to(dtype).contiguous() for m in models]
+                for setting_index, setting in enumerate(settings):
+                    a = v0.clone()
+                    for k, b in enumerate(secondaries):
+                        stats = stage_with_row_stats(
+                            a, b, setting(job, k), round_stages=job.round_stages
+                        )
+                        results[setting_index][k][job.name].add(*stats)
+                bar.update((stop - start) * base.row_len)
+    bar.close()
+    return results
+
+
+def _promoted(readers) -> torch.dtype:
+    dtype = None
+    for reader in readers:
+        current = reader.read(0, 1).dtype
+        dtype = current if dtype is None else torch.promote_types(dtype, current)
+    return dtype
+
+
+def stage_model(jobs: Sequence[TensorJob], index: int) -> str:
+    """The secondary of stage `index` (the model most of its tensors come from)."""
+    models = Counter(job.stages[index].model for job in jobs if index < len(job.stages))
+    return models.most_common(1)[0][0] if models else ""
+
+
+def stage_report(jobs: Sequence[TensorJob], per_tensor: Dict[str, RowSums], index: int, setting: Setting):
+    """The JSON record of one stage: overall, per layer and per tensor."""
+    involved = [job for job in jobs if index < len(job.stages) and job.name in per_tensor]
+    ts = Counter()
+    for job in involved:
+        sums = per_tensor[job.name]
+        ts[setting(job, index)] += sums.rows * sums.row_len
+    by_layer = defaultdict(list)
+    for job in involved:
+        by_layer[job.layer].append(per_tensor[job.name])
+    return {
+        "model": stage_model(involved, index),
+        "t": ts.most_common(1)[0][0] if ts else float("nan"),
+        "t_values": sorted(ts),
+        **summarize([per_tensor[job.name] for job in involved]),
+        "layers": [
+            {"layer": layer, **summarize(sums)}
+            for layer, sums in sorted(by_layer.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
+        ],
+        "tensors": [
+            {"name": job.name, "t": setting(job, index), **summarize([per_tensor[job.name]])}
+            for job in involved
+        ],
+    }
+
+
+def stats_report(recipe: str, jobs, ts: Sequence[Optional[float]], sample: float, progress=True):
+    """The `stats` report: for each t (None: the recipe's own), every stage."""
+    settings = [recipe_t if t is None else (lambda job, k, t=t: t) for t in ts]
+    measured = measure(jobs, settings, sample, progress)
+    return {
+        "recipe": recipe,
+        "sample": sample,
+        "results": [
+            {
+                "t": t,
+                "stages": [
+                    stage_report(jobs, per_stage, index, setting)
+                    for index, per_stage in enumerate(stages)
+                ],
+            }
+            for t, setting, stages in zip(ts, settings, measured)
+        ],
+    }
+
+
+def _log_grid(low: float, high: float, count: int) -> List[float]:
+    ratio = (high / low) ** (1 / (count - 1))
+    return [low * ratio**i for i in range(count)]
+
+
+def _search(evaluate: Callable[[List[float]], List[float]], target: float):
+    """The t whose fraction is closest to target: a coarse log grid, then a fine one
+    inside the bracket (the fraction grows with t)."""
+    coarse = [0.0, *_log_grid(1e-9, 1.0, 28)]
+    fractions = evaluate(coarse)
+    above = next((i for i, f in enumerate(fractions) if f >= target), len(coarse) - 1)
+    low = coarse[max(above - 1, 1)] if above > 0 else coarse[1] / 10
+    fine = _log_grid(low, coarse[above] if above > 0 else coarse[1], 17)
+    candidates = list(zip(coarse + fine, fractions + evaluate(fine)))
+    return min(candidates, key=lambda tf: (abs(tf[1] - target), tf[0]))
+
+
+def calibrate(jobs: Sequence[TensorJob], target: float, sample: float = 1.0, progress=True):
+    """Suggest t per stage (stage by stage, earlier stages at their suggested t) and
+    one global t, so that the fraction fully swapped per pass is `target`."""
+    if not 0 < target < 1:
+        raise ValueError(f"--target-swap must be in (0, 1); got {target}")
+    count = max(len(job.stages) for job in jobs)
+    models = [stage_model(jobs, k) for k in range(count)]
+
+    def fractions(settings, limit):
+        measured = measure(jobs, settings, sample, progress, stages_limit=limit)
+        return [[summarize(list(per_stage.values())) for per_stage in stages] for stages in measured]
+
+    chosen: List[float] = []
+    stages = []
+    for k in range(count):
+        def per_stage(candidates, k=k):
+            settings = [
+                (lambda job, i, c=c: chosen[i] if i < k else c) for c in candidates
+            ]
+            return [result[k]["full_swap_fraction"] for result in fractions(settings, k + 1)]
+
+        t, achieved = _search(per_stage, target)
+        chosen.append(t)
+        stages.append({"model": models[k], "t": t, "achieved_full_swap_fraction": achieved})
+
+    def mean_fraction(candidates):
+        settings = [(lambda job, i, c=c: c) for c in candidates]
+        return [sum(r["full_swap_fraction"] for r in result) / len(result) for result in fractions(settings, None)]
+
+    global_t, global_achieved = _search(mean_fraction, target)
+    at_global = fractions([lambda job, i: global_t], None)[0]
+    for stage, result in zip(stages, at_global):
+        stage["full_swap_fraction_at_global_t"] = result["full_swap_fraction"]
+    return {
+        "target": target,
+        "global_t": global_t,
+        "global_achieved_full_swap_fraction": global_achieved,
+        "sample": sample,
+        "method": (
+            "Each stage's full-swap fraction grows with its t. Per stage, in chain order "
+            "with earlier stages at their suggested t, the fraction is measured on a "
+            "log-spaced grid of t (0 and 1e-9 to 1), then on a finer grid inside the "
+            "bracketing interval; the t whose measured fraction is closest to the target "
+            "is suggested. The global t is found the same way for the mean fraction over "
+            "all stages with one t throughout. Achieved fractions are measured, not "
+            "interpolated (estimates when sample < 1)."
+        ),
+        "stages": stages,
+    }
