@@ -93,40 +93,49 @@ void nearswap_chain_range(const void *base, const void *const *secondaries, cons
     }
 }
 
-/* One stage over a block of rows, with the per-row statistics `stats` reports.
- * a: float32 rows (in: v0, out: the stage's result); b: the secondary's rows in
- * `dtype`. Per row: elements equal in v0 and v1, elements fully swapped (w == 1),
- * elements moved (result != v0, finite shift) and the sum of their |shift|. */
-void nearswap_stage_rows(float *restrict a, const void *b_rows, float t, int dtype,
-                         int round_stages, int64_t rows, int64_t row_len,
-                         int64_t *identical, int64_t *full, int64_t *moved,
-                         double *shift_sum) {
-    float b[BLOCK], r[BLOCK];
+/* The chain over a block of rows, with the per-row statistics `stats` reports,
+ * for each stage k (arrays [stages][rows], zeroed by the caller): elements equal
+ * in v0 and v1; elements fully swapped (w == 1); elements moved (result != v0,
+ * finite shift) and the sum of their |shift|. All inputs have `dtype`. */
+void nearswap_chain_rows(const void *base, const void *const *secondaries, const float *t,
+                         int stages, int dtype, int round_stages, int64_t rows,
+                         int64_t row_len, int64_t *identical, int64_t *full,
+                         int64_t *moved, double *shift_sum) {
+    float a[BLOCK], b[BLOCK], r[BLOCK];
     for (int64_t row = 0; row < rows; row++) {
-        int64_t same = 0, swapped = 0, count = 0;
-        double shift = 0.0;
         for (int64_t i = 0; i < row_len; i += BLOCK) {
             int64_t n = row_len - i < BLOCK ? row_len - i : BLOCK;
-            float *x = a + row * row_len + i;
-            load(b_rows, dtype, row * row_len + i, n, b);
-            for (int64_t j = 0; j < n; j++) {
-                float w = weight(x[j], b[j], t);
-                r[j] = mix(x[j], b[j], w);
-                same += x[j] == b[j];
-                swapped += w == 1.0f;
-            }
-            if (round_stages) round_trip(r, dtype, n);
-            for (int64_t j = 0; j < n; j++) {
-                float s = __builtin_fabsf(r[j] - x[j]);
-                int m = (r[j] != x[j]) & (s <= 3.4028234663852886e38f);
-                count += m;
-                shift += m ? (double)s : 0.0;
-                x[j] = r[j];
+            int64_t at = row * row_len + i;
+            load(base, dtype, at, n, a);
+            for (int k = 0; k < stages; k++) {
+                int64_t same = 0, swapped = 0, count = 0;
+                double shift = 0.0;
+                float tk = t[k];
+                load(secondaries[k], dtype, at, n, b);
+                /* simd reductions: integer counts are exact in any order; the
+                   float64 shift sums differ from a sequential sum in the last bits. */
+#pragma omp simd reduction(+ : same, swapped)
+                for (int64_t j = 0; j < n; j++) {
+                    float w = weight(a[j], b[j], tk);
+                    r[j] = mix(a[j], b[j], w);
+                    same += a[j] == b[j];
+                    swapped += w == 1.0f;
+                }
+                if (round_stages) round_trip(r, dtype, n);
+#pragma omp simd reduction(+ : count, shift)
+                for (int64_t j = 0; j < n; j++) {
+                    float d = __builtin_fabsf(r[j] - a[j]);
+                    int m = (r[j] != a[j]) & (d <= 3.4028234663852886e38f);
+                    count += m;
+                    shift += m ? (double)d : 0.0;
+                    a[j] = r[j];
+                }
+                int64_t slot = (int64_t)k * rows + row;
+                identical[slot] += same;
+                full[slot] += swapped;
+                moved[slot] += count;
+                shift_sum[slot] += shift;
             }
         }
-        identical[row] = same;
-        full[row] = swapped;
-        moved[row] = count;
-        shift_sum[row] = shift;
     }
 }

@@ -27,7 +27,7 @@ log = logging.getLogger("nearswap_mergekit")
 SOURCE = Path(__file__).with_name("_fused.c")
 BACKEND_VARIABLE = "NEARSWAP_MERGEKIT_KERNEL"
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp-simd", "-shared", "-fPIC"]
 #: Below this many elements one thread does the work.
 PARALLEL_MIN = 1 << 18
 
@@ -71,11 +71,12 @@ def _build() -> Optional[ctypes.CDLL]:
             )
             os.replace(built, target)  # atomic: concurrent builders are harmless
     library = ctypes.CDLL(str(target))
-    library.nearswap_stage_rows.restype = None
-    library.nearswap_stage_rows.argtypes = [
+    library.nearswap_chain_rows.restype = None
+    library.nearswap_chain_rows.argtypes = [
         ctypes.c_void_p,
-        ctypes.c_void_p,
-        ctypes.c_float,
+        ctypes.POINTER(ctypes.c_void_p),
+        ctypes.POINTER(ctypes.c_float),
+        ctypes.c_int,
         ctypes.c_int,
         ctypes.c_int,
         ctypes.c_int64,
@@ -145,39 +146,59 @@ def run(
     ts = (ctypes.c_float * len(thresholds))(*thresholds)
     args = (base.data_ptr(), pointers, ts, len(secondaries), DTYPE_CODES[base.dtype],
             int(round_stages), out.data_ptr())
-    n = out.numel()
-    workers = max(1, min(torch.get_num_threads(), n // PARALLEL_MIN))
+    _in_parallel(lambda start, stop: lib.nearswap_chain_range(*args, start, stop), out.numel(), 1024)
+    return True
+
+
+def _in_parallel(work, n: int, grain: int, cost_per_item: int = 1) -> None:
+    """Run work(start, stop) over [0, n) in up to torch.get_num_threads() threads;
+    ctypes releases the GIL, so the C loops run in parallel. Splits are multiples of grain."""
+    workers = max(1, min(torch.get_num_threads(), n * cost_per_item // PARALLEL_MIN))
     if workers == 1:
-        lib.nearswap_chain_range(*args, 0, n)
-        return True
-    # ctypes releases the GIL, so threads run the C loop in parallel.
+        work(0, n)
+        return
     global _pool
     with _lock:
         if _pool is None or _pool._max_workers < workers:
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nearswap")
     step = -(-n // workers)
-    step += -step % 1024  # whole C blocks per worker
-    futures = [
-        _pool.submit(lib.nearswap_chain_range, *args, start, min(start + step, n))
-        for start in range(0, n, step)
-    ]
+    step += -step % grain
+    futures = [_pool.submit(work, start, min(start + step, n)) for start in range(0, n, step)]
     for future in futures:
         future.result()
-    return True
 
 
-def stage_rows(
-    a: torch.Tensor, b: torch.Tensor, t: float, round_stages: bool, stats: List[torch.Tensor]
+def chain_rows(
+    base: torch.Tensor,
+    secondaries: List[torch.Tensor],
+    thresholds: List[float],
+    round_stages: bool,
+    stats: List[torch.Tensor],
 ) -> bool:
-    """One stage with per-row statistics (see _fused.c); False where this path does not apply."""
-    if not (a.dtype == torch.float32 and supports([a]) and supports([b]) and a.numel() == b.numel()):
+    """The chain over rows with per-row statistics (see _fused.c) into stats, four
+    (stages, rows) tensors; False where this path does not apply."""
+    if not supports([base, *secondaries]):
         return False
     lib = library()
     if lib is None:
         return False
-    rows = a.shape[0]
-    lib.nearswap_stage_rows(
-        a.data_ptr(), b.data_ptr(), t, DTYPE_CODES[b.dtype], int(round_stages), rows,
-        a.numel() // max(rows, 1), *(s.data_ptr() for s in stats),
-    )
+    rows = base.shape[0]
+    row_len = base.numel() // max(rows, 1)
+    size = base.element_size()
+    ts = (ctypes.c_float * len(thresholds))(*thresholds)
+
+    def work(start: int, stop: int) -> None:
+        pointers = (ctypes.c_void_p * len(secondaries))(
+            *(s.data_ptr() + start * row_len * size for s in secondaries)
+        )
+        parts = [s[:, start:stop].contiguous() for s in stats]
+        lib.nearswap_chain_rows(
+            base.data_ptr() + start * row_len * size, pointers, ts, len(secondaries),
+            DTYPE_CODES[base.dtype], int(round_stages), stop - start, row_len,
+            *(p.data_ptr() for p in parts),
+        )
+        for whole, part in zip(stats, parts):
+            whole[:, start:stop] = part
+
+    _in_parallel(work, rows, 1, cost_per_item=row_len * len(secondaries))
     return True

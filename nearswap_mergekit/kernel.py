@@ -186,46 +186,47 @@ def nearswap(
     return nearswap_chain(v0, [v1], t, block_size=block_size, backend=backend)
 
 
-def stage_with_row_stats(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    t: float,
+def chain_with_row_stats(
+    base: torch.Tensor,
+    secondaries: Sequence[torch.Tensor],
+    t: Sequence[float],
     *,
     round_stages: bool = True,
     backend: str = "auto",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One stage on a block of rows, in place, with the statistics of each row.
+    """The chain over a block of rows, with the statistics of each row at each stage.
 
     Args:
-        a: float32 rows, shape (rows, row_len): v0 in, the stage's result out
-            (rounded to b's dtype when round_stages, as the chain does).
-        b: the secondary's rows, contiguous, in the dtype the merge reads them in.
+        base, secondaries: rows of shape (rows, row_len), contiguous, all in the
+            dtype the merge computes from.
+        t: one threshold per secondary.
 
     Returns:
-        Per row: elements with v0 == v1; elements fully swapped (w == 1, equal
-        ones included); elements moved (result != v0, finite shift); and the sum
-        of those moved elements' |shift| (float64).
+        Four (stages, rows) tensors: elements with v0 == v1; elements fully
+        swapped (w == 1, equal ones included); elements moved (result != v0,
+        finite shift); and the sum of those moved elements' |shift| (float64).
     """
-    t = check_threshold(t)
-    rows = a.shape[0]
-    counts = [torch.zeros(rows, dtype=torch.int64) for _ in range(3)]
-    stats = [*counts, torch.zeros(rows, dtype=torch.float64)]
-    if backend != "torch" and _fused.stage_rows(a, b, t, round_stages, stats):
+    thresholds = [check_threshold(value, f"t[{i}]") for i, value in enumerate(t)]
+    shape = (len(secondaries), base.shape[0])
+    stats = [torch.zeros(shape, dtype=torch.int64) for _ in range(3)]
+    stats.append(torch.zeros(shape, dtype=torch.float64))
+    if backend != "torch" and _fused.chain_rows(base, list(secondaries), thresholds, round_stages, stats):
         return tuple(stats)
-    v1 = b.reshape(a.shape).to(torch.float32)
-    result, weight, scratch = a.clone(), torch.empty_like(a), torch.empty_like(a)
-    one = torch.ones((), dtype=torch.float32)
-    _stage(result.view(-1), v1.clone().view(-1), torch.tensor(t, dtype=torch.float32), one,
-           scratch.view(-1), weight.view(-1))
-    if round_stages and b.dtype != torch.float32:
-        result = result.to(b.dtype).to(torch.float32)
-    shift = (result - a).abs_()
-    moved = (result != a) & (shift <= torch.finfo(torch.float32).max)
-    stats = (
-        (a == v1).sum(1),
-        (weight == 1).sum(1),
-        moved.sum(1),
-        torch.where(moved, shift, 0).to(torch.float64).sum(1),
-    )
-    a.copy_(result)
-    return stats
+    work = compute_dtype(base.dtype)
+    a = base.to(work)
+    one = torch.ones((), dtype=work)
+    for k, (secondary, t_k) in enumerate(zip(secondaries, thresholds)):
+        v1 = secondary.to(work)
+        result, weight, scratch = a.clone(), torch.empty_like(a), torch.empty_like(a)
+        _stage(result.view(-1), v1.clone().view(-1), torch.tensor(t_k, dtype=work), one,
+               scratch.view(-1), weight.view(-1))
+        if round_stages and base.dtype != work:
+            result = result.to(base.dtype).to(work)
+        shift = (result - a).abs_()
+        moved = (result != a) & (shift <= torch.finfo(work).max)
+        stats[0][k] = (a == v1).sum(1)
+        stats[1][k] = (weight == 1).sum(1)
+        stats[2][k] = moved.sum(1)
+        stats[3][k] = torch.where(moved, shift, 0).to(torch.float64).sum(1)
+        a = result
+    return tuple(stats)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from nearswap_mergekit.kernel import stage_with_row_stats
+from nearswap_mergekit.kernel import chain_with_row_stats
 
 METHOD = "nearswap_chain"
 #: Elements per block of rows read and processed at once.
@@ -104,11 +105,11 @@ class RowReader:
         self.rows = self.shape[0] if len(self.shape) >= 2 else 1
         self.row_len = math.prod(self.shape[1:]) if len(self.shape) >= 2 else math.prod(self.shape)
 
-    def read(self, start: int, stop: int) -> torch.Tensor:
+    def read(self, rows: range) -> torch.Tensor:
+        """The given rows (a range, possibly strided) as a (rows, row_len) tensor."""
         if len(self.shape) < 2:
-            data = self._slice[:] if hasattr(self._slice, "get_shape") else self._slice
-            return data.reshape(1, -1)
-        return self._slice[start:stop].reshape(stop - start, self.row_len)
+            return self._slice[:].reshape(1, -1)
+        return self._slice[rows.start : rows.stop : rows.step].reshape(len(rows), self.row_len)
 
 
 def plan(config, options=None) -> List[TensorJob]:
@@ -168,19 +169,14 @@ def plan(config, options=None) -> List[TensorJob]:
     return jobs
 
 
-def sampled_rows(name: str, rows: int, sample: float) -> List[range]:
-    """A deterministic random subset of rows (all for sample == 1), as runs."""
-    if sample >= 1 or rows <= 2:
-        return [range(0, rows)]
-    count = min(rows, max(2, math.ceil(sample * rows)))
-    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    chosen = sorted(torch.randperm(rows, generator=generator)[:count].tolist())
-    runs, start = [], chosen[0]
-    for previous, current in zip(chosen, chosen[1:] + [None]):
-        if current != previous + 1:
-            runs.append(range(start, previous + 1))
-            start = current
-    return runs
+def sampled_rows(name: str, rows: int, sample: float) -> range:
+    """Every k-th row (k = round(1 / sample)) from an offset drawn from the tensor's
+    name: deterministic, spread over the whole tensor, one strided read per block.
+    All rows when sample == 1."""
+    step = max(1, round(1 / sample))
+    if step >= rows:  # keep at least two rows, for a standard error
+        step = max(1, rows // 2)
+    return range(zlib.crc32(name.encode()) % step, rows, step)
 
 
 class RowSums:
@@ -265,10 +261,8 @@ def measure(
         raise ValueError(f"sample must be in (0, 1]; got {sample}")
     stages = max(len(job.stages) for job in jobs) if jobs else 0
     results = [[{} for _ in range(stages)] for _ in settings]
-    runs = {job.name: sampled_rows(job.name, job.readers[job.base_model].rows, sample) for job in jobs}
-    total = sum(
-        len(r) * job.readers[job.base_model].row_len for job in jobs for r in runs[job.name]
-    )
+    chosen = {job.name: sampled_rows(job.name, job.readers[job.base_model].rows, sample) for job in jobs}
+    total = sum(len(chosen[job.name]) * job.readers[job.base_model].row_len for job in jobs)
     bar = tqdm(total=total, unit="weights", unit_scale=True, desc="reading", disable=not progress)
     for job in jobs:
         base = job.readers[job.base_model]
@@ -278,19 +272,16 @@ def measure(
             for k in range(len(models)):
                 results[setting_index][k][job.name] = RowSums(base.rows, base.row_len)
         rows_per_block = max(1, BLOCK_ELEMENTS // max(base.row_len, 1))
-        for run in runs[job.name]:
-            for start in range(run.start, run.stop, rows_per_block):
-                stop = min(start + rows_per_block, run.stop)
-                v0 = base.read(start, stop).to(torch.float32)
-                secondaries = [m.read(start, stop).to(dtype).contiguous() for m in models]
-                for setting_index, setting in enumerate(settings):
-                    a = v0.clone()
-                    for k, b in enumerate(secondaries):
-                        stats = stage_with_row_stats(
-                            a, b, setting(job, k), round_stages=job.round_stages
-                        )
-                        results[setting_index][k][job.name].add(*stats)
-                bar.update((stop - start) * base.row_len)
+        rows = chosen[job.name]
+        for first in range(0, len(rows), rows_per_block):
+            block = rows[first : first + rows_per_block]
+            v0, *secondaries = (m.read(block).to(dtype).contiguous() for m in [base, *models])
+            for setting_index, setting in enumerate(settings):
+                ts = [setting(job, k) for k in range(len(models))]
+                stats = chain_with_row_stats(v0, secondaries, ts, round_stages=job.round_stages)
+                for k in range(len(models)):
+                    results[setting_index][k][job.name].add(*(x[k] for x in stats))
+            bar.update(len(block) * base.row_len)
     bar.close()
     return results
 
@@ -298,7 +289,7 @@ def measure(
 def _promoted(readers) -> torch.dtype:
     dtype = None
     for reader in readers:
-        current = reader.read(0, 1).dtype
+        current = reader.read(range(0, 1)).dtype
         dtype = current if dtype is None else torch.promote_types(dtype, current)
     return dtype
 
@@ -338,10 +329,12 @@ def stage_report(jobs: Sequence[TensorJob], per_tensor: Dict[str, RowSums], inde
 def stats_report(recipe: str, jobs, ts: Sequence[Optional[float]], sample: float, progress=True):
     """The `stats` report: for each t (None: the recipe's own), every stage."""
     settings = [recipe_t if t is None else (lambda job, k, t=t: t) for t in ts]
+    started = time.perf_counter()
     measured = measure(jobs, settings, sample, progress)
     return {
         "recipe": recipe,
         "sample": sample,
+        "read_seconds": time.perf_counter() - started,
         "results": [
             {
                 "t": t,
