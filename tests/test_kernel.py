@@ -218,3 +218,25 @@ def test_property_chain_matches_reference(seed, ts, dtype, backend):
     base = base.to(dtype)
     out = nearswap_chain(base, secondaries, ts, backend=backend)
     assert same_bits(out, reference_chain(base, secondaries, ts))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_row_statistics_agree_between_paths_and_with_the_chain(dtype):
+    from nearswap_mergekit.kernel import chain_with_row_stats
+
+    base, *secondaries = quartet(dtype, shape=(50, 300), seed=5)
+    base[0, :19] = torch.tensor([float(v) for v in np.array(SPECIAL_BITS, np.uint32).view(np.float32)]).to(dtype)
+    ts = [1e-4, 1e-3, 1e-2]
+    fused = chain_with_row_stats(base, secondaries, ts, backend="auto")
+    plain = chain_with_row_stats(base, secondaries, ts, backend="torch")
+    for counts_f, counts_t in zip(fused[:3], plain[:3]):
+        assert torch.equal(counts_f, counts_t)
+    assert torch.allclose(fused[3], plain[3], rtol=1e-12, atol=0)
+    # The counts are those of the chain itself, stage by stage.
+    a = base
+    for k, (secondary, t) in enumerate(zip(secondaries, ts)):
+        result = nearswap_chain(a, [secondary], t)
+        moved = (result != a) & torch.isfinite((result.double() - a.double()).abs())
+        assert torch.equal(fused[0][k], (a == secondary).sum(1))
+        assert torch.equal(fused[2][k], moved.sum(1))
+        a = result
