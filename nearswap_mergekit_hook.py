@@ -105,16 +105,24 @@ def load_plugins():
 
 
 def register_object(obj):
-    """Register a MergeMethod, or call a registration function."""
+    """Register a MergeMethod (mergekit 0.1.5's registry, or 0.1.4's dict), or
+    call a registration function."""
     from mergekit.merge_methods import registry
 
-    if not hasattr(obj, "spec") and callable(obj):
+    if not hasattr(obj, "spec") and not hasattr(obj, "make_task") and callable(obj):
         obj()
         return
-    name = obj.spec.name
-    present = {method.spec.name: method for method in registry.registered_methods()}
+    if hasattr(registry, "register"):  # mergekit 0.1.5
+        name = obj.spec.name
+        present = {method.spec.name: method for method in registry.registered_methods()}
+    else:  # mergekit 0.1.4
+        name = obj.name()
+        present = registry.REGISTERED_MERGE_METHODS
     if name not in present:
-        registry.register(obj)
+        if hasattr(registry, "register"):
+            registry.register(obj)
+        else:
+            present[name] = obj
     elif present[name] is not obj:
         import logging
 

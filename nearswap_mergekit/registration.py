@@ -1,4 +1,4 @@
-"""Registration of `nearswap_chain` with the installed mergekit.
+"""Registration of `nearswap_chain` with the installed mergekit (0.1.4 or 0.1.5).
 
 Called by the start-up hook (through the `mergekit.merge_methods` entry point)
 and by `import nearswap_mergekit`. Idempotent; never raises into mergekit.
@@ -11,33 +11,61 @@ import logging
 log = logging.getLogger("nearswap_mergekit")
 
 METHOD_NAME = "nearswap_chain"
+SUPPORTED_MERGEKIT = ("0.1.4", "0.1.5")
+
+
+def mergekit_version() -> str:
+    from importlib.metadata import version
+
+    return version("mergekit")
 
 
 def register() -> bool:
     """Register `nearswap_chain` with mergekit; True when ours is the registered one.
 
     Registering twice is a no-op. If mergekit already has a different method of
-    that name, ours steps aside with a warning. Failures are logged, not raised.
+    that name, ours steps aside with a warning. With a mergekit version other than
+    0.1.4 or 0.1.5 nothing is registered and a warning names the supported ones.
+    Failures are logged, not raised.
     """
     try:
-        from mergekit.merge_methods import registry
+        installed = mergekit_version()
+        release = installed.split("+")[0]
+        if release not in SUPPORTED_MERGEKIT:
+            log.warning(
+                "nearswap-mergekit supports mergekit %s; this is mergekit %s, so the "
+                "merge method %r is not registered (pip install 'mergekit==0.1.5')",
+                " and ".join(SUPPORTED_MERGEKIT),
+                installed,
+                METHOD_NAME,
+            )
+            return False
+        if release == "0.1.4":
+            from mergekit.merge_methods.registry import REGISTERED_MERGE_METHODS as present
 
-        from nearswap_mergekit.mergekit_method import nearswap_chain_merge
+            from nearswap_mergekit.adapter_014 import nearswap_chain_merge as ours
+        else:
+            from mergekit.merge_methods import registry
 
-        present = {m.spec.name: m for m in registry.registered_methods()}
+            from nearswap_mergekit.adapter_015 import nearswap_chain_merge as ours
+
+            present = {m.spec.name: m for m in registry.registered_methods()}
         existing = present.get(METHOD_NAME)
-        if existing is None:
-            registry.register(nearswap_chain_merge)
+        if existing is ours:
             return True
-        if existing is nearswap_chain_merge:
-            return True
-        log.warning(
-            "mergekit already provides a merge method named %r (%s); "
-            "nearswap-mergekit's is not registered and steps aside",
-            METHOD_NAME,
-            type(existing).__module__,
-        )
-        return False
+        if existing is not None:
+            log.warning(
+                "mergekit already provides a merge method named %r (%s); "
+                "nearswap-mergekit's is not registered and steps aside",
+                METHOD_NAME,
+                type(existing).__module__,
+            )
+            return False
+        if release == "0.1.4":
+            present[METHOD_NAME] = ours
+        else:
+            registry.register(ours)
+        return True
     except Exception as error:
         log.warning(
             "nearswap-mergekit could not register %r with mergekit: %s: %s",

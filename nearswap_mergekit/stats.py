@@ -132,26 +132,27 @@ def plan(config, options=None) -> List[TensorJob]:
     # plan_in_memory() fails in mergekit 0.1.5 (pydantic cannot validate its
     # Task[Tensor] field); plan_to_disk only builds tasks, and none is executed.
     for saved in planned.plan_to_disk(out_path=os.devnull):
-        task = getattr(saved, "tensor_task", None)
-        if not hasattr(task, "model_order"):
+        chain = _chain_of(getattr(saved, "tensor_task", None))
+        if chain is None:
             continue  # the writer's finalize and tokenizer tasks
+        task, order, base, t_of, round_stages = chain
         gather = getattr(task.gather_tensors, "gather_tensors", task.gather_tensors)
         readers = {}
-        for model in task.model_order:
+        for model in order:
             info = gather.weight_info[model]
             reader = RowReader(model, [info.name, *(info.aliases or ()), *(info.tied_names or ())])
             if reader.shape is not None:
                 readers[str(model)] = reader
-        base = str(task.base_model)
-        if base not in readers:
+        if str(base) not in readers:
             continue  # a weight the base lacks: nothing NearSwap does to it
         stages = [
-            Stage(str(model), readers[str(model)].name, float(task.input_parameters[model]["t"]))
-            for model in task.model_order
-            if str(model) != base and str(model) in readers
+            Stage(str(model), readers[str(model)].name, float(t_of(model)))
+            for model in order
+            if model != base and str(model) in readers
         ]
         if not stages:
             continue  # passed through from the base
+        base = str(base)
         shapes = {readers[name].shape for name in [base, *(s.model for s in stages)]}
         if len(shapes) > 1:
             raise RecipeError(f"tensor {saved.tensor_name}: shapes differ between models: {sorted(shapes)}")
@@ -162,11 +163,25 @@ def plan(config, options=None) -> List[TensorJob]:
                 base_tensor=readers[base].name,
                 stages=stages,
                 dtype=getattr(torch, gather.dtype) if gather.dtype else None,
-                round_stages=bool(task.parameters.get("round_stages", True)),
+                round_stages=round_stages,
                 readers=readers,
             )
         )
     return jobs
+
+
+def _chain_of(task):
+    """(task, model order, base, t of a model, round_stages) of a planned merge task,
+    for mergekit 0.1.5's generic task and 0.1.4's nearswap_chain task; else None."""
+    if hasattr(task, "model_order"):  # mergekit 0.1.5
+        return (task, task.model_order, task.base_model,
+                lambda model: task.input_parameters[model]["t"],
+                bool(task.parameters.get("round_stages", True)))
+    if hasattr(task, "thresholds"):  # mergekit 0.1.4, nearswap_mergekit.adapter_014
+        thresholds = dict(zip(task.secondaries, task.thresholds))
+        return (task, (task.base_model, *task.secondaries), task.base_model,
+                thresholds.__getitem__, task.round_stages)
+    return None
 
 
 def sampled_rows(name: str, rows: int, sample: float) -> range:

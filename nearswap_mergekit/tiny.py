@@ -65,6 +65,12 @@ def build_tokenizer(out_dir: Path):
         tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>"
     )
     wrapped.save_pretrained(str(out_dir))
+    # transformers 5 writes its own backend's class name, which transformers 4
+    # (mergekit 0.1.4's) cannot load; the fast-tokenizer class works in both.
+    config_path = Path(out_dir) / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
     return wrapped
 
 
@@ -154,7 +160,8 @@ def build_family(
         path = out_dir / model
         path.mkdir(exist_ok=True)
         if index:
-            tokenizer.save_pretrained(str(path))
+            for name in ("tokenizer.json", "tokenizer_config.json"):
+                (path / name).write_bytes((first / name).read_bytes())
         tensors = (
             base
             if index == 0

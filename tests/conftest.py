@@ -4,6 +4,7 @@ import hashlib
 import os
 import subprocess
 import sys
+from importlib.metadata import version
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,23 @@ sys.path.insert(0, str(Path(__file__).parent))
 from nearswap_mergekit.tiny import QUARTET, build_family  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
+MERGEKIT_VERSION = version("mergekit")
+ON_MERGEKIT_015 = MERGEKIT_VERSION.startswith("0.1.5")
+only_mergekit_015 = pytest.mark.skipif(
+    not ON_MERGEKIT_015, reason=f"mergekit 0.1.5's in-memory API (this is {MERGEKIT_VERSION})"
+)
+
+#: For code run in a subprocess: registry access that works on mergekit 0.1.4 and 0.1.5.
+REGISTRY_HELPERS = """
+from mergekit import merge_methods
+def names():
+    if hasattr(merge_methods, "registered_methods"):
+        return [m.spec.name for m in merge_methods.registered_methods()]
+    return list(merge_methods.REGISTERED_MERGE_METHODS)
+def pretty_name(name):
+    method = merge_methods.get(name)
+    return method.spec.pretty_name if hasattr(method, "spec") else method.pretty_name()
+"""
 CONFIGS = REPO / "configs"
 BIN = Path(sys.executable).parent
 

@@ -2,11 +2,16 @@
 
 import pytest
 import torch
+from conftest import ON_MERGEKIT_015
 from reference import reference_chain, same_bits
 
 import nearswap_mergekit
 from mergekit import merge_methods
-from mergekit.merge_methods import TensorGroup, merge_state_dicts, merge_tensors
+
+if not ON_MERGEKIT_015:
+    pytest.skip("mergekit 0.1.5's in-memory merge API", allow_module_level=True)
+
+from mergekit.merge_methods import TensorGroup, merge_state_dicts, merge_tensors  # noqa: E402
 
 
 def quartet(dtype=torch.bfloat16, shape=(33, 65)):

@@ -1,0 +1,129 @@
+"""The `nearswap_chain` merge method for mergekit 0.1.4: a thin adapter over the kernel.
+
+mergekit 0.1.4's `easy_define` passes secondaries as an unordered set, so this is
+a MergeMethod with its own task that keeps the order of the recipe's `models:`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+
+from mergekit.architecture import WeightInfo
+from mergekit.common import ImmutableMap, ModelReference
+from mergekit.graph import Task
+from mergekit.merge_methods.base import ConfigParameterDef, MergeMethod, MergeTensorInput
+from nearswap_mergekit.kernel import check_threshold, nearswap_chain
+
+METHOD_NAME = "nearswap_chain"
+REFERENCE_URL = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
+
+
+class NearSwapChainTask(Task[torch.Tensor]):
+    gather_tensors: MergeTensorInput
+    base_model: ModelReference
+    secondaries: Tuple[ModelReference, ...]
+    thresholds: Tuple[float, ...]
+    round_stages: bool
+    weight_name: str
+
+    def arguments(self) -> Dict[str, Task]:
+        return {"tensors": self.gather_tensors}
+
+    def uses_accelerator(self) -> bool:
+        return True
+
+    def group_label(self) -> Optional[str]:
+        return self.gather_tensors.group_label()
+
+    def execute(self, tensors: Dict[ModelReference, torch.Tensor], **_kwargs) -> torch.Tensor:
+        if self.base_model not in tensors:
+            raise RuntimeError(
+                f"nearswap_chain: base model {self.base_model} has no tensor {self.weight_name}"
+            )
+        # A weight missing from some secondaries is merged with those that have it.
+        present = [(m, t) for m, t in zip(self.secondaries, self.thresholds) if m in tensors]
+        base = tensors[self.base_model]
+        if not present:
+            return base
+        shapes = {tuple(tensors[m].shape) for m, _ in present} | {tuple(base.shape)}
+        if len(shapes) > 1:
+            raise RuntimeError(f"Tensor size mismatch for {self.weight_name}, sizes: {sorted(shapes)}")
+        return nearswap_chain(
+            base,
+            [tensors[m] for m, _ in present],
+            [t for _, t in present],
+            round_stages=self.round_stages,
+        )
+
+
+class NearSwapChainMerge(MergeMethod):
+    def name(self) -> str:
+        return METHOD_NAME
+
+    def pretty_name(self) -> Optional[str]:
+        return "NearSwap chain"
+
+    def reference_url(self) -> Optional[str]:
+        return REFERENCE_URL
+
+    def parameters(self) -> List[ConfigParameterDef]:
+        return [ConfigParameterDef(name="round_stages", required=False, default_value=True)]
+
+    def tensor_parameters(self) -> List[ConfigParameterDef]:
+        return [ConfigParameterDef(name="t", required=True)]
+
+    def make_task(
+        self,
+        *,
+        output_weight: WeightInfo,
+        tensors: MergeTensorInput,
+        parameters: ImmutableMap[str, Any],
+        tensor_parameters: ImmutableMap[ModelReference, ImmutableMap[str, Any]],
+        base_model: Optional[ModelReference],
+        **_kwargs,
+    ) -> Task:
+        if base_model is None:
+            raise ValueError("nearswap_chain requires a base model: set base_model in the recipe")
+        if not isinstance(tensor_parameters.data, dict):
+            raise RuntimeError("nearswap_chain: mergekit did not keep the order of `models:`")
+        secondaries = tuple(m for m in tensor_parameters.data if m != base_model)
+        if not secondaries:
+            raise ValueError(
+                "nearswap_chain requires at least one secondary: list models besides the base model"
+            )
+        thresholds = tuple(
+            _threshold(tensor_parameters[m]["t"], m, output_weight.name) for m in secondaries
+        )
+        return NearSwapChainTask(
+            gather_tensors=tensors,
+            base_model=base_model,
+            secondaries=secondaries,
+            thresholds=thresholds,
+            round_stages=_flag(parameters["round_stages"]),
+            weight_name=output_weight.name,
+        )
+
+
+def _threshold(value: Any, model: ModelReference, tensor: str) -> float:
+    where = f" (for model {model}, tensor {tensor})"
+    if isinstance(value, str):  # mergekit 0.1.4 keeps YAML's `1e-4` as a string
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"t must be a number; got {value!r}{where}") from None
+    try:
+        return check_threshold(value, "NearSwap threshold t")
+    except ValueError as error:
+        raise ValueError(f"{error}{where}. Fix `t` under `parameters:`") from None
+
+
+def _flag(value: Any) -> bool:
+    # mergekit 0.1.4 hands booleans on as numbers (false -> 0.0).
+    if isinstance(value, (bool, int, float)) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"round_stages must be true or false; got {value!r}")
+
+
+nearswap_chain_merge = NearSwapChainMerge()
