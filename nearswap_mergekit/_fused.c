@@ -96,11 +96,13 @@ void nearswap_chain_range(const void *base, const void *const *secondaries, cons
 /* The chain over a block of rows, with the per-row statistics `stats` reports,
  * for each stage k (arrays [stages][rows], zeroed by the caller): elements equal
  * in v0 and v1; elements fully swapped (w == 1); elements moved (result != v0,
- * finite shift) and the sum of their |shift|. All inputs have `dtype`. */
+ * finite shift); the sum of their |shift|; elements where v0 or v1 is NaN or
+ * infinite. All inputs have `dtype`. */
 void nearswap_chain_rows(const void *base, const void *const *secondaries, const float *t,
                          int stages, int dtype, int round_stages, int64_t rows,
                          int64_t row_len, int64_t *identical, int64_t *full,
-                         int64_t *moved, double *shift_sum) {
+                         int64_t *moved, double *shift_sum, int64_t *nonfinite) {
+    const float max = 3.4028234663852886e38f;
     float a[BLOCK], b[BLOCK], r[BLOCK];
     for (int64_t row = 0; row < rows; row++) {
         for (int64_t i = 0; i < row_len; i += BLOCK) {
@@ -108,24 +110,25 @@ void nearswap_chain_rows(const void *base, const void *const *secondaries, const
             int64_t at = row * row_len + i;
             load(base, dtype, at, n, a);
             for (int k = 0; k < stages; k++) {
-                int64_t same = 0, swapped = 0, count = 0;
+                int64_t same = 0, swapped = 0, count = 0, finite = 0;
                 double shift = 0.0;
                 float tk = t[k];
                 load(secondaries[k], dtype, at, n, b);
                 /* simd reductions: integer counts are exact in any order; the
                    float64 shift sums differ from a sequential sum in the last bits. */
-#pragma omp simd reduction(+ : same, swapped)
+#pragma omp simd reduction(+ : same, swapped, finite)
                 for (int64_t j = 0; j < n; j++) {
                     float w = weight(a[j], b[j], tk);
                     r[j] = mix(a[j], b[j], w);
                     same += a[j] == b[j];
                     swapped += w == 1.0f;
+                    finite += (__builtin_fabsf(a[j]) <= max) & (__builtin_fabsf(b[j]) <= max);
                 }
                 if (round_stages) round_trip(r, dtype, n);
 #pragma omp simd reduction(+ : count, shift)
                 for (int64_t j = 0; j < n; j++) {
                     float d = __builtin_fabsf(r[j] - a[j]);
-                    int m = (r[j] != a[j]) & (d <= 3.4028234663852886e38f);
+                    int m = (r[j] != a[j]) & (d <= max);
                     count += m;
                     shift += m ? (double)d : 0.0;
                     a[j] = r[j];
@@ -135,6 +138,7 @@ void nearswap_chain_rows(const void *base, const void *const *secondaries, const
                 full[slot] += swapped;
                 moved[slot] += count;
                 shift_sum[slot] += shift;
+                nonfinite[slot] += n - finite;
             }
         }
     }

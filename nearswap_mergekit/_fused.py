@@ -81,7 +81,7 @@ def _build() -> Optional[ctypes.CDLL]:
         ctypes.c_int,
         ctypes.c_int64,
         ctypes.c_int64,
-        *[ctypes.c_void_p] * 4,
+        *[ctypes.c_void_p] * 5,
     ]
     library.nearswap_chain_range.restype = None
     library.nearswap_chain_range.argtypes = [
@@ -175,7 +175,7 @@ def chain_rows(
     round_stages: bool,
     stats: List[torch.Tensor],
 ) -> bool:
-    """The chain over rows with per-row statistics (see _fused.c) into stats, four
+    """The chain over rows with per-row statistics (see _fused.c) into stats, five
     (stages, rows) tensors; False where this path does not apply."""
     if not supports([base, *secondaries]):
         return False

@@ -11,6 +11,7 @@ from typing_extensions import Annotated
 
 from mergekit.merge_methods.base import (
     BasePolicy,
+    FunctionalGroupMergeMethod,
     InputContract,
     OptionalTensorPolicy,
     PerNonBase,
@@ -23,9 +24,15 @@ METHOD_NAME = "nearswap_chain"
 REFERENCE_URL = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
 
 
-def _reject_bool(value):
+def _as_number(value):
+    """Accept numbers and numeric strings (YAML reads `1e-4` as a string)."""
     if isinstance(value, bool):
         raise ValueError(f"t must be a number, not the boolean {value}{_where()}")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"t must be a number; got {value!r}{_where()}") from None
     return value
 
 
@@ -59,7 +66,23 @@ def _where() -> str:
 
 
 #: A stage threshold: a finite float >= 0 (YAML's `1e-4` strings are parsed as numbers).
-Threshold = Annotated[float, BeforeValidator(_reject_bool), AfterValidator(_check_t)]
+Threshold = Annotated[float, BeforeValidator(_as_number), AfterValidator(_check_t)]
+
+
+class NearSwapChainMethod(FunctionalGroupMergeMethod):
+    """mergekit's group method, with a check that names a secondary listed twice."""
+
+    def validate_inputs(self, input_ids, base_id=None, *, group_name=None) -> None:
+        seen = set()
+        for input_id in input_ids:
+            if input_id in seen:
+                raise ValueError(
+                    f"model {input_id} is listed more than once under models; NearSwap "
+                    "applies each secondary once: remove the repeat (to run a model twice, "
+                    "make a second stage with mergekit-multi)"
+                )
+            seen.add(input_id)
+        super().validate_inputs(input_ids, base_id, group_name=group_name)
 
 
 @merge_method(
@@ -71,7 +94,7 @@ Threshold = Annotated[float, BeforeValidator(_reject_bool), AfterValidator(_chec
     optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
     contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
 )
-def nearswap_chain_merge(
+def _nearswap_chain_merge(
     group: TensorGroup,
     t: PerNonBase[Threshold],
     round_stages: bool = True,
@@ -88,3 +111,6 @@ def nearswap_chain_merge(
         t.values_for(secondaries),
         round_stages=round_stages,
     )
+
+
+nearswap_chain_merge = NearSwapChainMethod(_nearswap_chain_merge.spec, _nearswap_chain_merge.implementation)

@@ -145,6 +145,12 @@ def stats(recipe, ts, sample, json_path, plot_path, quiet):
                 f"{_percent(stage['full_swap_fraction'], stage['full_swap_fraction_se'], sample):>10}  "
                 f"{stage['mean_abs_shift']:>12.4g}  {stage['model']}"
             )
+        for index, stage in enumerate(result["stages"], 1):
+            if stage["nonfinite_fraction"]:
+                click.echo(
+                    f"stage {index}: {100 * stage['nonfinite_fraction']:.4g}% of elements have a NaN "
+                    "or infinite v0 or v1; the formula gives them w = 1"
+                )
     if len(report["results"]) > 1:
         click.echo("\n% of weights fully swapped per pass")
         stages = len(report["results"][0]["stages"])

@@ -193,7 +193,7 @@ def chain_with_row_stats(
     *,
     round_stages: bool = True,
     backend: str = "auto",
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, ...]:
     """The chain over a block of rows, with the statistics of each row at each stage.
 
     Args:
@@ -202,14 +202,16 @@ def chain_with_row_stats(
         t: one threshold per secondary.
 
     Returns:
-        Four (stages, rows) tensors: elements with v0 == v1; elements fully
+        Five (stages, rows) tensors: elements with v0 == v1; elements fully
         swapped (w == 1, equal ones included); elements moved (result != v0,
-        finite shift); and the sum of those moved elements' |shift| (float64).
+        finite shift); the sum of those moved elements' |shift| (float64); and
+        elements where v0 or v1 is NaN or infinite.
     """
     thresholds = [check_threshold(value, f"t[{i}]") for i, value in enumerate(t)]
     shape = (len(secondaries), base.shape[0])
     stats = [torch.zeros(shape, dtype=torch.int64) for _ in range(3)]
     stats.append(torch.zeros(shape, dtype=torch.float64))
+    stats.append(torch.zeros(shape, dtype=torch.int64))
     if backend != "torch" and _fused.chain_rows(base, list(secondaries), thresholds, round_stages, stats):
         return tuple(stats)
     work = compute_dtype(base.dtype)
@@ -228,5 +230,6 @@ def chain_with_row_stats(
         stats[1][k] = (weight == 1).sum(1)
         stats[2][k] = moved.sum(1)
         stats[3][k] = torch.where(moved, shift, 0).to(torch.float64).sum(1)
+        stats[4][k] = (~(torch.isfinite(a) & torch.isfinite(v1))).sum(1)
         a = result
     return tuple(stats)

@@ -197,7 +197,7 @@ def sampled_rows(name: str, rows: int, sample: float) -> range:
 class RowSums:
     """Sums over sampled rows of per-row counts, enough for means and standard errors."""
 
-    FIELDS = ("identical", "full", "moved", "shift")
+    FIELDS = ("identical", "full", "moved", "shift", "nonfinite")
 
     def __init__(self, rows: int, row_len: int):
         self.rows, self.row_len, self.n = rows, row_len, 0
@@ -205,9 +205,10 @@ class RowSums:
         self.sq = dict.fromkeys(self.FIELDS, 0.0)
         self.shift_moved = 0.0
 
-    def add(self, identical, full, moved, shift):
-        values = dict(zip(self.FIELDS, (x.to(torch.float64) for x in (identical, full, moved, shift))))
-        self.n += len(identical)
+    def add(self, *per_row):
+        """Add one block's per-row statistics, in the order of FIELDS."""
+        values = dict(zip(self.FIELDS, (x.to(torch.float64) for x in per_row)))
+        self.n += len(per_row[0])
         for key, value in values.items():
             self.sum[key] += value.sum().item()
             self.sq[key] += (value * value).sum().item()
@@ -239,7 +240,11 @@ class RowSums:
 def summarize(sums: Sequence[RowSums]) -> Dict[str, float]:
     elements = sum(s.rows * s.row_len for s in sums)
     out = {"elements": elements}
-    for key, label in (("identical", "identical_fraction"), ("full", "full_swap_fraction")):
+    for key, label in (
+        ("identical", "identical_fraction"),
+        ("full", "full_swap_fraction"),
+        ("nonfinite", "nonfinite_fraction"),
+    ):
         totals = [s.total(key) for s in sums]
         out[label] = sum(t for t, _ in totals) / elements if elements else 0.0
         out[label + "_se"] = math.sqrt(sum(v for _, v in totals)) / elements if elements else 0.0

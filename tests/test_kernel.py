@@ -229,8 +229,9 @@ def test_row_statistics_agree_between_paths_and_with_the_chain(dtype):
     ts = [1e-4, 1e-3, 1e-2]
     fused = chain_with_row_stats(base, secondaries, ts, backend="auto")
     plain = chain_with_row_stats(base, secondaries, ts, backend="torch")
-    for counts_f, counts_t in zip(fused[:3], plain[:3]):
+    for counts_f, counts_t in zip(fused[:3] + fused[4:], plain[:3] + plain[4:]):
         assert torch.equal(counts_f, counts_t)
+    assert fused[4][0, 0] == (~torch.isfinite(base[0])).sum() > 0  # the special values' row
     assert torch.allclose(fused[3], plain[3], rtol=1e-12, atol=0)
     # The counts are those of the chain itself, stage by stage.
     a = base

@@ -169,3 +169,127 @@ def test_built_wheel_in_a_fresh_venv(tmp_path, workspace):
     )
     assert merge.returncode == 0, merge.stderr
     assert "NearSwap chain" in (tmp_path / "merged" / "README.md").read_text()
+
+
+def test_steps_aside_when_mergekit_already_has_a_nearswap_chain():
+    result = python(
+        """
+        from mergekit.merge_methods import registry
+        if hasattr(registry, "register"):  # mergekit 0.1.5
+            import torch
+            from mergekit.merge_methods import merge_method, TensorGroup
+            @merge_method(name="nearswap_chain", pretty_name="mergekit's own")
+            def theirs(group: TensorGroup) -> torch.Tensor:
+                return group.entries[0].tensor
+            registry.register(theirs)
+        else:  # mergekit 0.1.4
+            from mergekit.merge_methods.linear import LinearMerge
+            class Theirs(LinearMerge):
+                def pretty_name(self):
+                    return "mergekit's own"
+            registry.REGISTERED_MERGE_METHODS["nearswap_chain"] = Theirs()
+        import nearswap_mergekit
+        print(pretty_name("nearswap_chain"), nearswap_mergekit.register())
+        """,
+        env={"NEARSWAP_MERGEKIT_NO_HOOK": "1"},
+    )
+    assert result.stdout.strip() == "mergekit's own False", result.stderr
+    assert "steps aside" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_other_mergekit_versions_get_no_method_and_a_message():
+    patch = """
+import importlib.metadata as metadata
+real = metadata.version
+metadata.version = lambda name: "0.2.0" if name == "mergekit" else real(name)
+"""
+    result = python(
+        patch + REGISTRY_HELPERS + textwrap.dedent(
+            """
+            try:
+                merge_methods.get("nearswap_chain")
+            except RuntimeError as error:
+                print("absent:", error)
+            print("stock:", pretty_name("linear"))
+            """
+        ),
+        helpers=False,
+    )
+    assert "absent: Unimplemented merge method nearswap_chain" in result.stdout, result.stderr
+    assert "stock: Linear" in result.stdout
+    assert "supports mergekit 0.1.4 and 0.1.5; this is mergekit 0.2.0" in result.stderr
+
+
+PLUGIN_PYPROJECT = """
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "tiny-mergekit-plugin"
+version = "0.1"
+
+[project.entry-points."mergekit.merge_methods"]
+take_last = "tiny_mergekit_plugin:register"
+"""
+
+PLUGIN_MODULE = '''
+"""A one-function mergekit merge method: the output is the last model's tensor."""
+
+def register():
+    from mergekit.merge_methods import registry
+    if hasattr(registry, "register"):  # mergekit 0.1.5
+        import torch
+        from mergekit.merge_methods import TensorGroup, merge_method
+
+        @merge_method(name="take_last", pretty_name="Take last")
+        def take_last(group: TensorGroup) -> torch.Tensor:
+            return group.entries[-1].tensor
+
+        registry.register(take_last)
+    else:  # mergekit 0.1.4
+        import torch
+        from typing import List
+        from mergekit.merge_methods.easy_define import merge_method
+
+        @merge_method(name="take_last", pretty_name="Take last")
+        def take_last(tensors: List[torch.Tensor]) -> torch.Tensor:
+            return tensors[-1]
+'''
+
+
+@pytest.mark.slow
+def test_another_package_publishes_a_method_through_the_entry_point_group(tmp_path, workspace):
+    """A second tiny package, built and installed here, adds `take_last` to the stock CLI."""
+    source = tmp_path / "plugin"
+    (source / "tiny_mergekit_plugin").mkdir(parents=True)
+    (source / "pyproject.toml").write_text(PLUGIN_PYPROJECT)
+    (source / "tiny_mergekit_plugin" / "__init__.py").write_text(PLUGIN_MODULE)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+         "-w", str(tmp_path / "dist"), str(source)],
+        check=True, capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    target = tmp_path / "installed"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True, capture_output=True,
+    )
+    workspace.write_recipe(
+        "take-last.yml",
+        "merge_method: take_last\nmodels:\n"
+        f"  - model: {workspace.model('miqu')}\n  - model: {workspace.model('xwin')}\n",
+    )
+    merged = subprocess.run(
+        [str(Path(sys.executable).parent / "mergekit-yaml"), "take-last.yml", str(tmp_path / "out")],
+        cwd=workspace.root, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"},
+    )
+    assert merged.returncode == 0, merged.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    xwin = load_file(str(workspace.models / "xwin" / "model.safetensors"))
+    assert all(out[name].equal(xwin[name]) for name in xwin)
+    assert "Take last" in (tmp_path / "out" / "README.md").read_text()
