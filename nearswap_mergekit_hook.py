@@ -2,9 +2,11 @@
 
 mergekit has no plugin entry points, so this module (run from a .pth or PEP 829
 .start file) puts one cheap finder on sys.meta_path. It ignores every import
-except ``mergekit.merge_methods.registry``; right after that module first runs,
-it registers every method that an installed package declares under the
-entry-point group ``mergekit.merge_methods``. An entry point's object is either
+except the package ``mergekit.merge_methods``; right after that package (and
+with it the registry) has first been imported, it registers every method that
+an installed package declares under the entry-point group
+``mergekit.merge_methods``. Waiting for the whole package, not just its
+registry module, lets plugins use any of mergekit's merge-method helpers. An entry point's object is either
 a mergekit ``MergeMethod`` (registered under its ``spec.name``) or a callable
 taking no arguments that registers its methods itself.
 
@@ -18,7 +20,7 @@ import sys
 
 ENTRY_POINT_GROUP = "mergekit.merge_methods"
 DISABLE_VARIABLE = "NEARSWAP_MERGEKIT_NO_HOOK"
-_REGISTRY_MODULE = "mergekit.merge_methods.registry"
+_TARGET = "mergekit.merge_methods"
 _MARK = "_mergekit_plugin_hook"
 
 
@@ -28,7 +30,7 @@ def install():
         return
     if any(getattr(finder, _MARK, False) for finder in sys.meta_path):
         return
-    if _REGISTRY_MODULE in sys.modules:  # installed late: mergekit is already there
+    if _TARGET in sys.modules:  # installed late: mergekit is already there
         load_plugins()
         return
     sys.meta_path.insert(0, _RegistryFinder())
@@ -41,7 +43,7 @@ class _RegistryFinder:
     fired = False
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _REGISTRY_MODULE or self.fired:
+        if fullname != _TARGET or self.fired:
             return None
         self.fired = True
         for finder in sys.meta_path:
@@ -59,7 +61,7 @@ class _RegistryFinder:
 
 
 class _LoadPluginsAfter:
-    """Wraps the registry's loader: run the module, then register the plugins."""
+    """Wraps the package's loader: run it, then register the plugins."""
 
     def __init__(self, loader):
         self._loader = loader

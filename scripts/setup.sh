@@ -16,7 +16,8 @@ if [ ! -x "$VENV/bin/python" ]; then
     "$VENV/bin/python" -m pip install -q --upgrade pip
 fi
 stamp=$VENV/.nearswap-setup
-want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
+# The hook files are copied into site-packages even by an editable install.
+want=$(cat pyproject.toml scripts/setup.sh nearswap_mergekit_hook.* | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     # torch first, pinned: this version is the local CPU build; an unpinned torch
     # requirement would pull a multi-GB CUDA build.
