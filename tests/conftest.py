@@ -74,8 +74,8 @@ class Workspace:
             path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         return path
 
-    def merge(self, recipe_name: str, out: str, *extra, check=True):
-        return run_cli("mergekit-yaml", recipe_name, out, *extra, cwd=self.root, check=check)
+    def merge(self, recipe_name: str, out: str, *extra, check=True, env=None):
+        return run_cli("mergekit-yaml", recipe_name, out, *extra, cwd=self.root, check=check, env=env)
 
 
 @pytest.fixture(scope="session")

@@ -140,6 +140,24 @@ def test_one_pass_equals_three_stock_mergekit_multi_stages(workspace):
     assert all(same_bits(one_pass[n], staged[n]) for n in one_pass)
 
 
+def test_repeated_runs_thread_counts_and_kernels_give_the_same_bits(workspace):
+    shutil.copy(CONFIGS / "demo-quartet.yml", workspace.root / "determinism.yml")
+    runs = {
+        "first": None,
+        "again": None,
+        "one thread": {"OMP_NUM_THREADS": "1"},
+        "torch kernel": {"NEARSWAP_MERGEKIT_KERNEL": "torch"},
+    }
+    outputs = {}
+    for name, env in runs.items():
+        out = f"determinism-{name.replace(' ', '-')}"
+        workspace.merge("determinism.yml", out, env=env)
+        outputs[name] = load_file(str(workspace.root / out / "model.safetensors"))
+    first = outputs.pop("first")
+    for name, tensors in outputs.items():
+        assert all(same_bits(first[n], tensors[n]) for n in first), name
+
+
 def test_merged_model_loads_in_transformers_and_runs(workspace):
     transformers = pytest.importorskip("transformers")
     shutil.copy(CONFIGS / "demo-quartet.yml", workspace.root / "for-hf.yml")
