@@ -71,30 +71,13 @@ def _build() -> Optional[ctypes.CDLL]:
             )
             os.replace(built, target)  # atomic: concurrent builders are harmless
     library = ctypes.CDLL(str(target))
-    library.nearswap_chain_rows.restype = None
-    library.nearswap_chain_rows.argtypes = [
-        ctypes.c_void_p,
-        ctypes.POINTER(ctypes.c_void_p),
-        ctypes.POINTER(ctypes.c_float),
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int64,
-        ctypes.c_int64,
-        *[ctypes.c_void_p] * 5,
-    ]
+    # Both entry points start (base, secondaries, t, stages, dtype, round_stages).
+    chain = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_float),
+             ctypes.c_int, ctypes.c_int, ctypes.c_int]
     library.nearswap_chain_range.restype = None
-    library.nearswap_chain_range.argtypes = [
-        ctypes.c_void_p,
-        ctypes.POINTER(ctypes.c_void_p),
-        ctypes.POINTER(ctypes.c_float),
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_int,
-        ctypes.c_void_p,
-        ctypes.c_int64,
-        ctypes.c_int64,
-    ]
+    library.nearswap_chain_range.argtypes = [*chain, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64]
+    library.nearswap_chain_rows.restype = None
+    library.nearswap_chain_rows.argtypes = [*chain, ctypes.c_int64, ctypes.c_int64, *[ctypes.c_void_p] * 5]
     return library
 
 
