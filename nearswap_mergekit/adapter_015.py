@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 
 import torch
@@ -18,7 +17,7 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit.merge_methods.easy_define import merge_method
-from nearswap_mergekit.kernel import nearswap_chain
+from nearswap_mergekit.kernel import check_threshold, nearswap_chain
 
 METHOD_NAME = "nearswap_chain"
 REFERENCE_URL = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
@@ -37,12 +36,12 @@ def _as_number(value):
 
 
 def _check_t(value: float) -> float:
-    if math.isfinite(value) and value >= 0:
-        return value
-    raise ValueError(
-        f"NearSwap threshold t must be a finite number >= 0; got {value!r}{_where()}. "
-        "Fix `t` under `parameters:` (global, or under that model)"
-    )
+    try:
+        return check_threshold(value, "NearSwap threshold t")
+    except ValueError as error:
+        raise ValueError(
+            f"{error}{_where()}. Fix `t` under `parameters:` (global, or under that model)"
+        ) from None
 
 
 def _where() -> str:

@@ -2,8 +2,9 @@
 
 mergekit's own planner resolves the recipe (models, slices, per-model t, filters,
 layer gradients, dtype); its loader finds each tensor; rows are read straight
-from the safetensors files, all of them or a deterministic random subset
-(`sample` < 1), and run through the same kernel as the merge, stage by stage.
+from the safetensors files, all of them or, with `sample` < 1, every k-th row
+from an offset drawn from the tensor's name, and run through the same
+arithmetic as the merge, stage by stage.
 """
 
 from __future__ import annotations
