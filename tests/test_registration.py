@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REGISTRY_HELPERS, REPO
 
 SITE_PACKAGES = sysconfig.get_paths()["purelib"]
@@ -230,37 +231,37 @@ name = "tiny-mergekit-plugin"
 version = "0.1"
 
 [project.entry-points."mergekit.merge_methods"]
-take_last = "tiny_mergekit_plugin:register"
+elementwise_max = "tiny_mergekit_plugin:register"
 """
 
 PLUGIN_MODULE = '''
-"""A one-function mergekit merge method: the output is the last model's tensor."""
+"""A one-function mergekit merge method: the elementwise maximum of the inputs
+(order-free, since mergekit 0.1.4's easy_define hands inputs over unordered)."""
 
 def register():
     from mergekit.merge_methods import registry
+    import torch
     if hasattr(registry, "register"):  # mergekit 0.1.5
-        import torch
         from mergekit.merge_methods import TensorGroup, merge_method
 
-        @merge_method(name="take_last", pretty_name="Take last")
-        def take_last(group: TensorGroup) -> torch.Tensor:
-            return group.entries[-1].tensor
+        @merge_method(name="elementwise_max", pretty_name="Elementwise max")
+        def elementwise_max(group: TensorGroup) -> torch.Tensor:
+            return torch.stack(group.tensors).amax(0)
 
-        registry.register(take_last)
+        registry.register(elementwise_max)
     else:  # mergekit 0.1.4
-        import torch
         from typing import List
         from mergekit.merge_methods.easy_define import merge_method
 
-        @merge_method(name="take_last", pretty_name="Take last")
-        def take_last(tensors: List[torch.Tensor]) -> torch.Tensor:
-            return tensors[-1]
+        @merge_method(name="elementwise_max", pretty_name="Elementwise max")
+        def elementwise_max(tensors: List[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(tensors).amax(0)
 '''
 
 
 @pytest.mark.slow
 def test_another_package_publishes_a_method_through_the_entry_point_group(tmp_path, workspace):
-    """A second tiny package, built and installed here, adds `take_last` to the stock CLI."""
+    """A second tiny package, built and installed here, adds `elementwise_max` to the stock CLI."""
     source = tmp_path / "plugin"
     (source / "tiny_mergekit_plugin").mkdir(parents=True)
     (source / "pyproject.toml").write_text(PLUGIN_PYPROJECT)
@@ -277,12 +278,12 @@ def test_another_package_publishes_a_method_through_the_entry_point_group(tmp_pa
         check=True, capture_output=True,
     )
     workspace.write_recipe(
-        "take-last.yml",
-        "merge_method: take_last\nmodels:\n"
+        "elementwise-max.yml",
+        "merge_method: elementwise_max\nmodels:\n"
         f"  - model: {workspace.model('miqu')}\n  - model: {workspace.model('xwin')}\n",
     )
     merged = subprocess.run(
-        [str(Path(sys.executable).parent / "mergekit-yaml"), "take-last.yml", str(tmp_path / "out")],
+        [str(Path(sys.executable).parent / "mergekit-yaml"), "elementwise-max.yml", str(tmp_path / "out")],
         cwd=workspace.root, capture_output=True, text=True,
         env={**os.environ, "PYTHONPATH": str(target), "HF_HUB_OFFLINE": "1"},
     )
@@ -290,6 +291,6 @@ def test_another_package_publishes_a_method_through_the_entry_point_group(tmp_pa
     from safetensors.torch import load_file
 
     out = load_file(str(tmp_path / "out" / "model.safetensors"))
-    xwin = load_file(str(workspace.models / "xwin" / "model.safetensors"))
-    assert all(out[name].equal(xwin[name]) for name in xwin)
-    assert "Take last" in (tmp_path / "out" / "README.md").read_text()
+    miqu, xwin = (load_file(str(workspace.models / m / "model.safetensors")) for m in ("miqu", "xwin"))
+    assert all(out[name].equal(torch.maximum(miqu[name], xwin[name])) for name in xwin)
+    assert "Elementwise max" in (tmp_path / "out" / "README.md").read_text()
