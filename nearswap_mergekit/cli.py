@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
@@ -88,18 +89,26 @@ def _check_ts(_ctx, _param, values):
     return values
 
 
-def _plan(recipe: str):
-    from nearswap_mergekit import stats
+@contextlib.contextmanager
+def _reading(recipe: str):
+    """Turn a failure while planning or reading into a one-line error that names the recipe."""
+    from nearswap_mergekit.stats import RecipeError
 
     try:
-        config = stats.load_recipe(recipe)
-        return stats.plan(config)
-    except stats.RecipeError as error:
+        yield
+    except RecipeError as error:
         raise click.ClickException(str(error)) from None
     except Exception as error:  # unreadable checkpoints, missing files, bad shapes
         raise click.ClickException(
             f"cannot read the models of {recipe}: {type(error).__name__}: {error}"
         ) from None
+
+
+def _plan(recipe: str):
+    from nearswap_mergekit import stats
+
+    with _reading(recipe):
+        return stats.plan(stats.load_recipe(recipe))
 
 
 def _percent(value: float, se: float, sample: float) -> str:
@@ -130,10 +139,8 @@ def stats(recipe, ts, sample, json_path, plot_path, quiet):
     jobs = _plan(recipe)
     if not jobs:
         raise click.ClickException(f"{recipe}: no tensor has both a base and a secondary")
-    try:
+    with _reading(recipe):
         report = stats_module.stats_report(recipe, jobs, list(ts) or [None], sample, not quiet)
-    except Exception as error:
-        raise click.ClickException(f"cannot read the models of {recipe}: {type(error).__name__}: {error}") from None
     for result in report["results"]:
         label = "the recipe's own t" if result["t"] is None else f"t = {result['t']:g}"
         click.echo(f"\n{label}" + (f" (sample {sample:g}, ± one standard error)" if sample < 1 else ""))
@@ -193,7 +200,8 @@ def calibrate(recipe, target_swap, sample, json_path, quiet):
     jobs = _plan(recipe)
     if not jobs:
         raise click.ClickException(f"{recipe}: no tensor has both a base and a secondary")
-    result = stats_module.calibrate(jobs, target_swap, sample, not quiet)
+    with _reading(recipe):
+        result = stats_module.calibrate(jobs, target_swap, sample, not quiet)
     click.echo(f"\ntarget: {100 * target_swap:.3f}% fully swapped per pass")
     for index, stage in enumerate(result["stages"], 1):
         click.echo(

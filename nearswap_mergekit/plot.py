@@ -9,6 +9,7 @@ def plot_report(report: dict, path: str) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     results = report["results"]
     ladder = len(results) > 1
@@ -25,6 +26,7 @@ def plot_report(report: dict, path: str) -> None:
         )
     label = "recipe's t" if first["t"] is None else f"t = {first['t']:g}"
     axes[0].set(xlabel="layer", ylabel="% fully swapped", title=f"Full swap per layer ({label})")
+    axes[0].xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     axes[0].legend(fontsize=8)
     if ladder:
         ts = [result["t"] for result in results]
