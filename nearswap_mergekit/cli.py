@@ -58,11 +58,12 @@ def demo(workdir: str, recipe: str):
     shutil.copyfile(recipe, recipe_copy)
     out = workdir_path / "merged"
     command = [stock_cli("mergekit-yaml"), recipe_copy.name, "merged"]
-    click.echo(f"running in {workdir_path}: {' '.join(command[1:])}")
+    click.echo(f"running in {workdir_path}: mergekit-yaml {' '.join(command[1:])}")
     result = subprocess.run([*command, "--quiet"], cwd=workdir_path)
     if result.returncode:
         raise click.ClickException(f"mergekit-yaml failed with exit code {result.returncode}")
     click.echo(f"merged model: {out} ({time.perf_counter() - started:.1f} s)")
+    click.echo(f"swap statistics: cd {workdir} && nearswap-mergekit stats {recipe_copy.name}")
 
 
 def _sample_option(function):
@@ -72,7 +73,8 @@ def _sample_option(function):
         show_default=True,
         type=float,
         callback=_check_sample,
-        help="Fraction of each tensor's rows to read (a deterministic random subset); 1 is exact.",
+        help="Fraction of each tensor's rows to read: every k-th row, k = round(1/F), "
+        "from an offset drawn from the tensor's name; 1 is exact.",
     )(function)
 
 
