@@ -136,14 +136,14 @@ def run(
 def _in_parallel(work, n: int, grain: int, cost_per_item: int = 1) -> None:
     """Run work(start, stop) over [0, n) in up to torch.get_num_threads() threads;
     ctypes releases the GIL, so the C loops run in parallel. Splits are multiples of grain."""
-    workers = max(1, min(torch.get_num_threads(), n * cost_per_item // PARALLEL_MIN))
+    workers = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, n * cost_per_item // PARALLEL_MIN))
     if workers == 1:
         work(0, n)
         return
     global _pool
     with _lock:
-        if _pool is None or _pool._max_workers < workers:
-            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="nearswap")
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="nearswap")
     step = -(-n // workers)
     step += -step % grain
     futures = [_pool.submit(work, start, min(start + step, n)) for start in range(0, n, step)]

@@ -38,7 +38,6 @@ class RecipeError(ValueError):
 @dataclass
 class Stage:
     model: str
-    tensor: str
     t: float
 
 
@@ -48,7 +47,6 @@ class TensorJob:
 
     name: str
     base_model: str
-    base_tensor: str
     stages: List[Stage]
     dtype: Optional[torch.dtype]
     round_stages: bool
@@ -147,7 +145,7 @@ def plan(config, options=None) -> List[TensorJob]:
         if str(base) not in readers:
             continue  # a weight the base lacks: nothing NearSwap does to it
         stages = [
-            Stage(str(model), readers[str(model)].name, float(t_of(model)))
+            Stage(str(model), float(t_of(model)))
             for model in order
             if model != base and str(model) in readers
         ]
@@ -161,7 +159,6 @@ def plan(config, options=None) -> List[TensorJob]:
             TensorJob(
                 name=saved.tensor_name,
                 base_model=base,
-                base_tensor=readers[base].name,
                 stages=stages,
                 dtype=getattr(torch, gather.dtype) if gather.dtype else None,
                 round_stages=round_stages,
