@@ -33,10 +33,10 @@ def install():
     if _TARGET in sys.modules:  # installed late: mergekit is already there
         load_plugins()
         return
-    sys.meta_path.insert(0, _RegistryFinder())
+    sys.meta_path.insert(0, _MergeMethodsFinder())
 
 
-class _RegistryFinder:
+class _MergeMethodsFinder:
     """A plain meta-path finder (importlib.abc would cost an import at start-up)."""
 
     _mergekit_plugin_hook = True
@@ -46,18 +46,24 @@ class _RegistryFinder:
         if fullname != _TARGET or self.fired:
             return None
         self.fired = True
-        for finder in sys.meta_path:
-            find_spec = getattr(finder, "find_spec", None)
-            if finder is self or find_spec is None:
-                continue
-            spec = find_spec(fullname, path, target)
-            if spec is not None:
-                break
-        else:
+        try:
+            for finder in sys.meta_path:
+                find_spec = getattr(finder, "find_spec", None)
+                if finder is self or find_spec is None:
+                    continue
+                spec = find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+            else:
+                return None
+            if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _LoadPluginsAfter(spec.loader)
+            return spec
+        except Exception as error:  # leave the import to Python's own finders
+            import warnings
+
+            warnings.warn(f"mergekit plugin hook disabled: {type(error).__name__}: {error}")
             return None
-        if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-            spec.loader = _LoadPluginsAfter(spec.loader)
-        return spec
 
 
 class _LoadPluginsAfter:
