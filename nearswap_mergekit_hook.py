@@ -113,29 +113,43 @@ def load_plugins():
 
 
 def register_object(obj):
-    """Register a MergeMethod (mergekit 0.1.5's registry, or 0.1.4's dict), or
-    call a registration function."""
-    from mergekit.merge_methods import registry
-
+    """Register a MergeMethod, or call a registration function."""
     if not hasattr(obj, "spec") and not hasattr(obj, "make_task") and callable(obj):
         obj()
-        return
+    else:
+        register_method(obj)
+
+
+def register_method(method) -> bool:
+    """Register a MergeMethod with mergekit 0.1.5's registry or 0.1.4's dict.
+
+    True when `method` is the registered one (now or already); False, with a
+    warning, when mergekit already has a different method of that name.
+    """
+    from mergekit.merge_methods import registry
+
     if hasattr(registry, "register"):  # mergekit 0.1.5
-        name = obj.spec.name
-        present = {method.spec.name: method for method in registry.registered_methods()}
+        name = method.spec.name
+        present = {m.spec.name: m for m in registry.registered_methods()}
     else:  # mergekit 0.1.4
-        name = obj.name()
+        name = method.name()
         present = registry.REGISTERED_MERGE_METHODS
-    if name not in present:
+    existing = present.get(name)
+    if existing is None:
         if hasattr(registry, "register"):
-            registry.register(obj)
+            registry.register(method)
         else:
-            present[name] = obj
-    elif present[name] is not obj:
+            present[name] = method
+        return True
+    if existing is not method:
         import logging
 
         logging.getLogger("mergekit.plugins").warning(
-            "mergekit plugin method %r was not registered: mergekit already has a "
-            "method of that name",
+            "merge method %r from %s was not registered and steps aside: mergekit "
+            "already has a method of that name (%s)",
             name,
+            type(method).__module__,
+            type(existing).__module__,
         )
+        return False
+    return True

@@ -41,31 +41,12 @@ def register() -> bool:
             )
             return False
         if release == "0.1.4":
-            from mergekit.merge_methods.registry import REGISTERED_MERGE_METHODS as present
-
             from nearswap_mergekit.adapter_014 import nearswap_chain_merge as ours
         else:
-            from mergekit.merge_methods import registry
-
             from nearswap_mergekit.adapter_015 import nearswap_chain_merge as ours
+        from nearswap_mergekit_hook import register_method  # shipped beside this package
 
-            present = {m.spec.name: m for m in registry.registered_methods()}
-        existing = present.get(METHOD_NAME)
-        if existing is ours:
-            return True
-        if existing is not None:
-            log.warning(
-                "mergekit already provides a merge method named %r (%s); "
-                "nearswap-mergekit's is not registered and steps aside",
-                METHOD_NAME,
-                type(existing).__module__,
-            )
-            return False
-        if release == "0.1.4":
-            present[METHOD_NAME] = ours
-        else:
-            registry.register(ours)
-        return True
+        return register_method(ours)
     except Exception as error:
         log.warning(
             "nearswap-mergekit could not register %r with mergekit: %s: %s",
