@@ -12,6 +12,9 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from reference import reference_chain, same_bits  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
 from nearswap_mergekit.tiny import QUARTET, build_family  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +76,31 @@ class Workspace:
         else:
             path.write_text(yaml.safe_dump(recipe, sort_keys=False))
         return path
+
+    def load(self, name: str):
+        """The tensors of stand-in model `name` (or of an output folder under root)."""
+        folder = self.models / name if (self.models / name).is_dir() else self.root / name
+        return load_file(str(folder / "model.safetensors"))
+
+    def reference(self, secondaries, t, base="miqu", round_stages=True):
+        """The reference chain for every tensor; t is a number or t(tensor_name, model)."""
+        t_for = t if callable(t) else (lambda _name, _model: t)
+        models = [self.load(m) for m in secondaries]
+        return {
+            name: reference_chain(
+                tensor, [m[name] for m in models], [t_for(name, m) for m in secondaries],
+                round_stages,
+            )
+            for name, tensor in self.load(base).items()
+        }
+
+    def assert_merged(self, out: str, expected):
+        """The merged output under root/out equals `expected` bit for bit; returns it."""
+        merged = self.load(out)
+        assert merged.keys() == expected.keys()
+        wrong = [name for name in merged if not same_bits(merged[name], expected[name])]
+        assert not wrong, f"differs from the reference: {wrong}"
+        return merged
 
     def merge(self, recipe_name: str, out: str, *extra, check=True, env=None):
         return run_cli("mergekit-yaml", recipe_name, out, *extra, cwd=self.root, check=check, env=env)

@@ -8,7 +8,6 @@ import shutil
 import pytest
 import torch
 from conftest import ON_MERGEKIT_015, file_digests, run_cli
-from reference import reference_chain, same_bits
 from safetensors.torch import load_file, save_file
 
 from nearswap_mergekit.tiny import QUARTET, TinyLlama, build_family
@@ -92,42 +91,27 @@ def test_the_same_secondary_twice(variants):
     assert "model ./tiny-quartet/xwin is listed more than once under models" in result.stderr
 
 
-def expected(workspace, base, secondaries, t):
-    models = [load_file(str(workspace.models / m / "model.safetensors")) for m in [base, *secondaries]]
-    return {
-        name: reference_chain(tensor, [m[name] for m in models[1:]], [t] * len(secondaries))
-        for name, tensor in models[0].items()
-    }
-
-
-def assert_merged(workspace, out, wanted):
-    merged = load_file(str(workspace.root / out / "model.safetensors"))
-    assert merged.keys() == wanted.keys()
-    assert all(same_bits(merged[n], wanted[n]) for n in merged)
-    return merged
-
-
 def test_base_listed_among_models_too_is_the_base_not_a_stage(variants):
     merge(variants, "listed.yml", recipe(variants, ["miqu", "wintergoddess", "xwin"]), check=True)
-    assert_merged(variants, "out-listed.yml", expected(variants, "miqu", ["wintergoddess", "xwin"], 1e-4))
+    variants.assert_merged("out-listed.yml", variants.reference(["wintergoddess", "xwin"], 1e-4))
 
 
 def test_a_stray_extra_tensor_in_a_secondary_is_ignored(variants):
     merge(variants, "stray.yml", recipe(variants, ["stray-tensor"]), check=True)
-    assert_merged(variants, "out-stray.yml", expected(variants, "miqu", ["xwin"], 1e-4))
+    variants.assert_merged("out-stray.yml", variants.reference(["xwin"], 1e-4))
 
 
 def test_mixed_dtypes_compute_and_round_in_the_promoted_dtype(variants):
     secondaries = ["wintergoddess-bf16", "xwin-bf16"]
     merge(variants, "mixed.yml", recipe(variants, secondaries, t="0.001"), check=True)
-    merged = assert_merged(variants, "out-mixed.yml", expected(variants, "miqu", secondaries, 1e-3))
+    merged = variants.assert_merged("out-mixed.yml", variants.reference(secondaries, 1e-3))
     assert {t.dtype for t in merged.values()} == {torch.float32}  # float16 + bfloat16
 
 
 def test_nan_and_inf_in_the_weights_follow_the_formula_and_stats_counts_them(variants):
     text = recipe(variants, ["nonfinite"], extra="dtype: float16\n")
     merge(variants, "nonfinite.yml", text, check=True)
-    merged = assert_merged(variants, "out-nonfinite.yml", expected(variants, "miqu", ["nonfinite"], 1e-4))
+    merged = variants.assert_merged("out-nonfinite.yml", variants.reference(["nonfinite"], 1e-4))
     assert merged[XWIN].view(-1)[:400].isnan().any()
     run_cli("nearswap-mergekit", "stats", "nonfinite.yml", "--quiet", "--json", "nonfinite.json",
             cwd=variants.root, check=True)

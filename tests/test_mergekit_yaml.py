@@ -5,35 +5,10 @@ import shutil
 import pytest
 import torch
 from conftest import CONFIGS, file_digests, run_cli
-from reference import reference_chain, same_bits
-from safetensors.torch import load_file
+from reference import same_bits
 
 SECONDARIES = ["wintergoddess", "aurora-nights", "xwin"]
 LAYER_COUNT = 2
-
-
-def load(workspace, name):
-    return load_file(str(workspace.models / name / "model.safetensors"))
-
-
-def expected_output(workspace, secondaries, t_for):
-    """Reference chain per tensor; t_for(tensor_name, model) gives that stage's t."""
-    base = load(workspace, "miqu")
-    others = [load(workspace, name) for name in secondaries]
-    return {
-        name: reference_chain(
-            tensor, [o[name] for o in others], [t_for(name, m) for m in secondaries]
-        )
-        for name, tensor in base.items()
-    }
-
-
-def assert_output_is(workspace, out, expected):
-    merged = load_file(str(workspace.root / out / "model.safetensors"))
-    assert merged.keys() == expected.keys()
-    wrong = [name for name in merged if not same_bits(merged[name], expected[name])]
-    assert not wrong, f"differs from the reference: {wrong}"
-    return merged
 
 
 def recipe(workspace, secondaries, t=1e-4, **extra):
@@ -58,10 +33,8 @@ def recipe(workspace, secondaries, t=1e-4, **extra):
 def test_demo_recipe_equals_the_reference_chain_bitwise(workspace):
     shutil.copy(CONFIGS / "demo-quartet.yml", workspace.root)
     workspace.merge("demo-quartet.yml", "demo-out")
-    merged = assert_output_is(
-        workspace, "demo-out", expected_output(workspace, SECONDARIES, lambda n, m: 1e-4)
-    )
-    base = load(workspace, "miqu")
+    merged = workspace.assert_merged("demo-out", workspace.reference(SECONDARIES, 1e-4))
+    base = workspace.load("miqu")
     assert all(merged[n].dtype == torch.float16 for n in merged)
     assert any(not torch.equal(merged[n], base[n]) for n in merged)
     card = (workspace.root / "demo-out" / "README.md").read_text()
@@ -72,10 +45,8 @@ def test_swapping_two_secondaries_changes_the_output_as_the_reference_says(works
     order = ["aurora-nights", "wintergoddess", "xwin"]
     workspace.write_recipe("swapped.yml", recipe(workspace, order, t=1e-3))
     workspace.merge("swapped.yml", "swapped-out")
-    swapped = assert_output_is(
-        workspace, "swapped-out", expected_output(workspace, order, lambda n, m: 1e-3)
-    )
-    original = expected_output(workspace, SECONDARIES, lambda n, m: 1e-3)
+    swapped = workspace.assert_merged("swapped-out", workspace.reference(order, 1e-3))
+    original = workspace.reference(SECONDARIES, 1e-3)
     assert any(not same_bits(swapped[n], original[n]) for n in swapped)
 
 
@@ -83,9 +54,7 @@ def test_per_model_t(workspace):
     ts = {"wintergoddess": 1e-3, "aurora-nights": 1e-4, "xwin": 5e-3}
     workspace.write_recipe("per-model.yml", recipe(workspace, SECONDARIES, t=ts))
     workspace.merge("per-model.yml", "per-model-out")
-    assert_output_is(
-        workspace, "per-model-out", expected_output(workspace, SECONDARIES, lambda n, m: ts[m])
-    )
+    workspace.assert_merged("per-model-out", workspace.reference(SECONDARIES, lambda n, m: ts[m]))
 
 
 def test_layer_gradient_and_filters_of_t(workspace):
@@ -102,7 +71,7 @@ def test_layer_gradient_and_filters_of_t(workspace):
     assert LAYER_COUNT == 2
     workspace.write_recipe("gradient.yml", recipe(workspace, SECONDARIES, t=t))
     workspace.merge("gradient.yml", "gradient-out")
-    assert_output_is(workspace, "gradient-out", expected_output(workspace, SECONDARIES, t_for))
+    workspace.assert_merged("gradient-out", workspace.reference(SECONDARIES, t_for))
 
 
 def test_round_stages_false_carries_float32_between_stages(workspace):
@@ -111,13 +80,7 @@ def test_round_stages_false_carries_float32_between_stages(workspace):
         recipe(workspace, SECONDARIES, t=1e-3) | {"parameters": {"t": 1e-3, "round_stages": False}},
     )
     workspace.merge("carried.yml", "carried-out")
-    base = load(workspace, "miqu")
-    others = [load(workspace, name) for name in SECONDARIES]
-    expected = {
-        name: reference_chain(tensor, [o[name] for o in others], [1e-3] * 3, round_stages=False)
-        for name, tensor in base.items()
-    }
-    assert_output_is(workspace, "carried-out", expected)
+    workspace.assert_merged("carried-out", workspace.reference(SECONDARIES, 1e-3, round_stages=False))
 
 
 def test_one_pass_equals_three_stock_mergekit_multi_stages(workspace):
@@ -134,10 +97,7 @@ def test_one_pass_equals_three_stock_mergekit_multi_stages(workspace):
         cwd=workspace.root,
         check=True,
     )
-    one_pass = load_file(str(workspace.root / "one-pass-out" / "model.safetensors"))
-    staged = load_file(str(workspace.root / "staged-out" / "model.safetensors"))
-    assert one_pass.keys() == staged.keys()
-    assert all(same_bits(one_pass[n], staged[n]) for n in one_pass)
+    workspace.assert_merged("staged-out", workspace.load("one-pass-out"))
 
 
 def test_repeated_runs_thread_counts_and_kernels_give_the_same_bits(workspace):
@@ -152,10 +112,10 @@ def test_repeated_runs_thread_counts_and_kernels_give_the_same_bits(workspace):
     for name, env in runs.items():
         out = f"determinism-{name.replace(' ', '-')}"
         workspace.merge("determinism.yml", out, env=env)
-        outputs[name] = load_file(str(workspace.root / out / "model.safetensors"))
-    first = outputs.pop("first")
-    for name, tensors in outputs.items():
-        assert all(same_bits(first[n], tensors[n]) for n in first), name
+        outputs[name] = out
+    first = workspace.load(outputs.pop("first"))
+    for out in outputs.values():
+        workspace.assert_merged(out, first)
 
 
 def test_merged_model_loads_in_transformers_and_runs(workspace):

@@ -1,7 +1,6 @@
 """`nearswap-mergekit stats` and `calibrate` against known fractions and real merges."""
 
 import json
-import math
 import shutil
 
 import numpy as np
@@ -10,7 +9,7 @@ import torch
 from conftest import CONFIGS, Workspace, file_digests, run_cli
 from safetensors.torch import load_file, save_file
 
-from nearswap_mergekit.tiny import TinyLlama, build_family, llama_tensor_shapes
+from nearswap_mergekit.tiny import TinyLlama, build_family
 
 T = 1e-3
 
