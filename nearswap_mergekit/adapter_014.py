@@ -14,10 +14,8 @@ from mergekit.architecture import WeightInfo
 from mergekit.common import ImmutableMap, ModelReference
 from mergekit.graph import Task
 from mergekit.merge_methods.base import ConfigParameterDef, MergeMethod, MergeTensorInput
-from nearswap_mergekit.kernel import check_threshold, nearswap_chain
-
-METHOD_NAME = "nearswap_chain"
-REFERENCE_URL = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
+from nearswap_mergekit.kernel import nearswap_chain
+from nearswap_mergekit.spec import METHOD_NAME, PRETTY_NAME, REFERENCE_URL, parse_threshold
 
 
 class NearSwapChainTask(Task[torch.Tensor]):
@@ -47,6 +45,9 @@ class NearSwapChainTask(Task[torch.Tensor]):
         base = tensors[self.base_model]
         if not present:
             return base
+        buffer = _non_floating_buffer(base, [tensors[m] for m, _ in present], self.weight_name)
+        if buffer is not None:
+            return buffer
         shapes = {tuple(tensors[m].shape) for m, _ in present} | {tuple(base.shape)}
         if len(shapes) > 1:
             raise RuntimeError(f"Tensor size mismatch for {self.weight_name}, sizes: {sorted(shapes)}")
@@ -63,7 +64,7 @@ class NearSwapChainMerge(MergeMethod):
         return METHOD_NAME
 
     def pretty_name(self) -> Optional[str]:
-        return "NearSwap chain"
+        return PRETTY_NAME
 
     def reference_url(self) -> Optional[str]:
         return REFERENCE_URL
@@ -107,16 +108,26 @@ class NearSwapChainMerge(MergeMethod):
 
 
 def _threshold(value: Any, model: ModelReference, tensor: str) -> float:
-    where = f" (for model {model}, tensor {tensor})"
-    if isinstance(value, str):  # mergekit 0.1.4 keeps YAML's `1e-4` as a string
-        try:
-            value = float(value)
-        except ValueError:
-            raise ValueError(f"t must be a number; got {value!r}{where}") from None
     try:
-        return check_threshold(value, "NearSwap threshold t")
+        return parse_threshold(value)
     except ValueError as error:
-        raise ValueError(f"{error}{where}. Fix `t` under `parameters:`") from None
+        # mergekit 0.1.4 hands over the resolved value, not where it was set.
+        raise ValueError(
+            f"{error} (for model {model}, tensor {tensor}; it comes from the global "
+            "`parameters:` or from that model's own). Fix `t` where it is set"
+        ) from None
+
+
+def _non_floating_buffer(base: torch.Tensor, others: List[torch.Tensor], name: str):
+    """Integer and boolean buffers pass through when every input agrees, as in
+    mergekit 0.1.5; None for floating-point weights."""
+    if base.is_floating_point() and all(t.is_floating_point() for t in others):
+        return None
+    if any(t.dtype != base.dtype or not torch.equal(t, base) for t in others):
+        raise ValueError(
+            f"non-floating buffer {name!r} differs between inputs; resolve it before merging"
+        )
+    return base.clone()
 
 
 def _flag(value: Any) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import torch
-from pydantic import AfterValidator, BeforeValidator
+from pydantic import BeforeValidator
 from typing_extensions import Annotated
 
 from mergekit.merge_methods.base import (
@@ -17,55 +17,50 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit.merge_methods.easy_define import merge_method
-from nearswap_mergekit.kernel import check_threshold, nearswap_chain
-
-METHOD_NAME = "nearswap_chain"
-REFERENCE_URL = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
+from nearswap_mergekit.kernel import nearswap_chain
+from nearswap_mergekit.spec import METHOD_NAME, PRETTY_NAME, REFERENCE_URL, parse_threshold
 
 
-def _as_number(value):
-    """Accept numbers and numeric strings (YAML reads `1e-4` as a string)."""
-    if isinstance(value, bool):
-        raise ValueError(f"t must be a number, not the boolean {value}{_where()}")
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"t must be a number; got {value!r}{_where()}") from None
-    return value
-
-
-def _check_t(value: float) -> float:
+def _parse_t(value) -> float:
     try:
-        return check_threshold(value, "NearSwap threshold t")
+        return parse_threshold(value)
     except ValueError as error:
-        raise ValueError(
-            f"{error}{_where()}. Fix `t` under `parameters:` (global, or under that model)"
-        ) from None
+        raise ValueError(f"{error}{_where()}") from None
 
 
 def _where() -> str:
-    """Name the model and tensor whose t is being resolved, where mergekit says.
+    """Say whose t is being resolved, and where in the recipe it was written.
 
     mergekit's parameter resolver validates a value without telling the
-    validator whose it is, so the error would not name the model. Its
-    `resolve_parameter` frame holds `model` and `tensor_name`; read them.
+    validator whose it is. Its `resolve_parameter` frame holds the model, the
+    tensor, and the settings scope the value came from (the recipe's global
+    `parameters:` is always the last scope); read them.
     """
     frame = sys._getframe(1)
     for _ in range(12):
         if frame is None:
             break
-        if frame.f_code.co_name == "resolve_parameter" and "tensor_name" in frame.f_locals:
-            model = frame.f_locals.get("model")
-            tensor = frame.f_locals["tensor_name"]
-            owner = f"model {model}" if model is not None else "the global parameters"
-            return f" (for {owner}, tensor {tensor})"
+        names = frame.f_locals
+        if frame.f_code.co_name == "resolve_parameter" and "tensor_name" in names:
+            model, tensor = names.get("model"), names["tensor_name"]
+            scopes, scope = tuple(names.get("settings") or ()), names.get("scope")
+            if scopes and scope is scopes[-1]:
+                source = "the global `parameters:`"
+            elif model is not None and scopes and scope is scopes[0]:
+                source = f"the `parameters:` of model {model}"
+            else:
+                source = "a slice's or module's `parameters:`"
+            target = f"model {model}, tensor {tensor}" if model is not None else f"tensor {tensor}"
+            return f" (for {target}; set in {source}). Fix `t` there"
         frame = frame.f_back
-    return ""
+    return (
+        " (it comes from the global `parameters:` or from that model's own). "
+        "Fix `t` where it is set"
+    )
 
 
 #: A stage threshold: a finite float >= 0 (YAML's `1e-4` strings are parsed as numbers).
-Threshold = Annotated[float, BeforeValidator(_as_number), AfterValidator(_check_t)]
+Threshold = Annotated[float, BeforeValidator(_parse_t)]
 
 
 class NearSwapChainMethod(FunctionalGroupMergeMethod):
@@ -86,7 +81,7 @@ class NearSwapChainMethod(FunctionalGroupMergeMethod):
 
 @merge_method(
     name=METHOD_NAME,
-    pretty_name="NearSwap chain",
+    pretty_name=PRETTY_NAME,
     reference_url=REFERENCE_URL,
     # A weight only the base has passes through; one missing from some
     # secondaries is merged with the secondaries that have it.

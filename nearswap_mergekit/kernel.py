@@ -12,11 +12,13 @@ so the extra memory beyond the output is O(block_size) however large the tensors
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
 from nearswap_mergekit import _fused
+from nearswap_mergekit.spec import check_threshold
 
 #: Elements per block on the CPU: small enough to stay in L2 cache, large enough
 #: to amortise per-op dispatch. Any value gives the same bits.
@@ -25,16 +27,6 @@ CPU_BLOCK_SIZE = 1 << 16
 ACCELERATOR_BLOCK_SIZE = 1 << 24
 
 Threshold = Union[float, Sequence[float]]
-
-
-def check_threshold(t: float, what: str = "t") -> float:
-    """Return t as a float, or raise ValueError if it is not a finite number >= 0."""
-    if isinstance(t, bool) or not isinstance(t, (int, float)):
-        raise ValueError(f"{what} must be a number >= 0; got {t!r}")
-    t = float(t)
-    if math.isnan(t) or math.isinf(t) or t < 0:
-        raise ValueError(f"{what} must be a finite number >= 0; got {t!r}")
-    return t + 0.0  # -0.0 -> +0.0
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -72,8 +64,10 @@ def nearswap_chain(
     secondaries = list(secondaries)
     if not secondaries:
         raise ValueError("nearswap_chain needs at least one secondary tensor")
-    if not isinstance(t, Sequence) or isinstance(t, (str, bytes)):
-        thresholds = [check_threshold(t)] * len(secondaries)
+    if getattr(t, "ndim", None) == 0:  # a 0-d numpy array or torch tensor
+        t = t.item()
+    if isinstance(t, (numbers.Real, str, bytes)) or not hasattr(t, "__iter__"):
+        thresholds = [check_threshold(t)] * len(secondaries)  # numpy scalars are numbers.Real
     else:
         thresholds = [check_threshold(value, f"t[{i}]") for i, value in enumerate(t)]
         if len(thresholds) != len(secondaries):
@@ -97,6 +91,16 @@ def nearswap_chain(
                 f"secondaries[{index - 1}] is on {tensor.device}"
             )
 
+    # The merge is not differentiable: nn.Parameter and requires_grad inputs are
+    # read as plain tensors (detach shares their memory), and the output has no graph.
+    base, secondaries = base.detach(), [tensor.detach() for tensor in secondaries]
+    tensors = [base, *secondaries]
+    with torch.no_grad():
+        return _chain(base, secondaries, tensors, thresholds, round_stages, block_size, backend)
+
+
+def _chain(base, secondaries, tensors, thresholds, round_stages, block_size, backend):
+    """nearswap_chain on checked, detached inputs."""
     io_dtype = base.dtype
     for tensor in secondaries:
         io_dtype = torch.promote_types(io_dtype, tensor.dtype)

@@ -81,6 +81,27 @@ def test_failures_name_the_problem_and_leave_inputs_untouched(variants, case):
     messages = message if isinstance(message, tuple) else (message,)
     assert any(m in result.stdout + result.stderr for m in messages), result.stderr[-3000:]
     assert file_digests(variants.models) == before
+    out = variants.root / f"out-{name}"
+    assert not out.exists() or not any(out.iterdir()), sorted(p.name for p in out.iterdir())
+
+
+def test_a_bad_t_is_traced_to_where_it_was_set(variants):
+    """A bad global t is not blamed on one model; a bad per-model t names its model."""
+    global_text = recipe(variants, ["wintergoddess", "xwin"], t="-0.0001")
+    global_result = merge(variants, "bad-global-t.yml", global_text, check=False)
+    per_model_text = recipe(variants, ["wintergoddess", "xwin"]).replace(
+        "  - model: ./tiny-quartet/xwin\n",
+        "  - model: ./tiny-quartet/xwin\n    parameters:\n      t: -0.0002\n",
+    )
+    per_model_result = merge(variants, "bad-model-t.yml", per_model_text, check=False)
+    assert global_result.returncode and per_model_result.returncode
+    if ON_MERGEKIT_015:  # mergekit says which settings the value came from
+        assert "set in the global `parameters:`" in global_result.stderr, global_result.stderr[-2000:]
+        assert "got -0.0002 (for model ./tiny-quartet/xwin, tensor" in per_model_result.stderr
+        assert "set in the `parameters:` of model ./tiny-quartet/xwin" in per_model_result.stderr
+    else:  # mergekit 0.1.4 hands over the value alone: both places are named
+        for result in (global_result, per_model_result):
+            assert "it comes from the global `parameters:` or from that model's own" in result.stderr
 
 
 def test_the_same_secondary_twice(variants):

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from reference import card_nearswap, reference_chain, same_bits
 
-from nearswap_mergekit import nearswap, nearswap_chain
+from nearswap_mergekit import _fused, nearswap, nearswap_chain
 
 SPECIAL_BITS = [
     0x00000000, 0x80000000,  # +0, -0
@@ -94,10 +94,11 @@ def test_rounding_stages_matters_in_half_precision():
 
 @pytest.mark.parametrize("block_size", [1, 7, 129, 130, 4096, 1 << 20])
 def test_block_size_never_changes_a_bit(block_size):
+    """block_size is the torch path's: this runs that path (the fused one ignores it)."""
     base, *secondaries = quartet(torch.bfloat16, shape=(61, 129))
     ts = [1e-4, 1e-3, 1e-2]
     assert same_bits(
-        nearswap_chain(base, secondaries, ts, block_size=block_size),
+        nearswap_chain(base, secondaries, ts, block_size=block_size, backend="torch"),
         reference_chain(base, secondaries, ts),
     )
 
@@ -105,6 +106,9 @@ def test_block_size_never_changes_a_bit(block_size):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_thread_count_never_changes_a_bit(backend):
     base, *secondaries = quartet(torch.float16, shape=(700, 1100))
+    # Large enough that both paths split the work: the fused path below
+    # PARALLEL_MIN elements, torch's ops below its 32768-element grain, use one thread.
+    assert base.numel() >= 2 * _fused.PARALLEL_MIN
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -140,12 +144,35 @@ def test_non_contiguous_inputs():
     assert same_bits(out, reference_chain(views[0], views[1:], [1e-2] * 3))
 
 
-@pytest.mark.parametrize("shape", [(), (1,), (0,), (3, 0, 2), (5, 1, 1, 3)])
-def test_odd_shapes(shape):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(), (1,), (0,), (3, 0, 2), (5, 1, 1, 3), (3, 1025)])
+def test_odd_shapes(shape, backend):
     base, *secondaries = quartet(torch.float32, shape=shape)
-    out = nearswap_chain(base, secondaries, 1e-2, block_size=2)
+    out = nearswap_chain(base, secondaries, 1e-2, block_size=2, backend=backend)
     assert out.shape == base.shape
     assert same_bits(out, reference_chain(base, secondaries, [1e-2] * 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameters_and_requires_grad_inputs_give_the_same_bits_without_autograd(backend):
+    base, *secondaries = quartet(torch.float32, shape=(64, 80))
+    expected = reference_chain(base, secondaries, [1e-3] * 3)
+    parameters = [torch.nn.Parameter(base.clone()), *(s.clone().requires_grad_() for s in secondaries)]
+    out = nearswap_chain(parameters[0], parameters[1:], 1e-3, backend=backend)
+    assert same_bits(out, expected)
+    assert not out.requires_grad and out.grad_fn is None
+    assert all(p.grad is None for p in parameters)
+
+
+@pytest.mark.parametrize(
+    "t", [np.float32(1e-3), np.float64(1e-3), np.array(1e-3), [np.float32(1e-3)] * 3,
+          np.full(3, 1e-3, dtype=np.float32)],
+    ids=["float32", "float64", "0-d array", "list of float32", "array of float32"],
+)
+def test_numpy_thresholds_are_accepted(t):
+    base, *secondaries = quartet(torch.float32)
+    expected = reference_chain(base, secondaries, [1e-3] * 3)  # t is float32 in the kernel anyway
+    assert same_bits(nearswap_chain(base, secondaries, t), expected)
 
 
 def test_inputs_are_not_modified():
