@@ -37,7 +37,12 @@ def install():
 
 
 class _MergeMethodsFinder:
-    """A plain meta-path finder (importlib.abc would cost an import at start-up)."""
+    """A plain meta-path finder (importlib.abc would cost an import at start-up).
+
+    Finding a spec changes nothing: a probe such as importlib.util.find_spec
+    gets a wrapped spec too, and only the import that executes the package
+    spends the hook.
+    """
 
     _mergekit_plugin_hook = True
     fired = False
@@ -45,7 +50,6 @@ class _MergeMethodsFinder:
     def find_spec(self, fullname, path=None, target=None):
         if fullname != _TARGET or self.fired:
             return None
-        self.fired = True
         try:
             for finder in sys.meta_path:
                 find_spec = getattr(finder, "find_spec", None)
@@ -57,7 +61,7 @@ class _MergeMethodsFinder:
             else:
                 return None
             if spec.loader is not None and hasattr(spec.loader, "exec_module"):
-                spec.loader = _LoadPluginsAfter(spec.loader)
+                spec.loader = _LoadPluginsAfter(spec.loader, self)
             return spec
         except Exception as error:  # leave the import to Python's own finders
             import warnings
@@ -69,8 +73,9 @@ class _MergeMethodsFinder:
 class _LoadPluginsAfter:
     """Wraps the package's loader: run it, then register the plugins."""
 
-    def __init__(self, loader):
+    def __init__(self, loader, finder):
         self._loader = loader
+        self._finder = finder
 
     def __getattr__(self, name):
         return getattr(self._loader, name)
@@ -79,7 +84,15 @@ class _LoadPluginsAfter:
         return self._loader.create_module(spec)
 
     def exec_module(self, module):
-        self._loader.exec_module(module)
+        self._loader.exec_module(module)  # if it raises, the hook stays armed
+        if self._finder.fired:
+            return
+        self._finder.fired = True
+        # Python binds the submodule on its parent only after this returns; bind
+        # it now, so `import mergekit.merge_methods as mm` works inside plugins.
+        parent, _, child = module.__name__.rpartition(".")
+        if parent in sys.modules:
+            setattr(sys.modules[parent], child, module)
         load_plugins()
 
 

@@ -1,16 +1,18 @@
 """Registration of `nearswap_chain` with the installed mergekit (0.1.4 or 0.1.5).
 
-Called by the start-up hook (through the `mergekit.merge_methods` entry point)
-and by `import nearswap_mergekit`. Idempotent; never raises into mergekit.
+Called by the start-up hook (through the `mergekit.merge_methods` entry point),
+or by the user where the hook does not run (`python -S`). Idempotent; never
+raises into mergekit.
 """
 
 from __future__ import annotations
 
 import logging
 
+from nearswap_mergekit.spec import METHOD_NAME
+
 log = logging.getLogger("nearswap_mergekit")
 
-METHOD_NAME = "nearswap_chain"
 SUPPORTED_MERGEKIT = ("0.1.4", "0.1.5")
 
 
@@ -40,6 +42,12 @@ def register() -> bool:
                 METHOD_NAME,
             )
             return False
+        # mergekit.merge_methods first, on its own: with the start-up hook live,
+        # importing it registers the plugins, this one included. Importing an
+        # adapter first would import mergekit.merge_methods from inside the
+        # half-initialised adapter, and the hook would find it half-made.
+        import mergekit.merge_methods  # noqa: F401
+
         if release == "0.1.4":
             from nearswap_mergekit.adapter_014 import nearswap_chain_merge as ours
         else:

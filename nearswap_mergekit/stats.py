@@ -24,8 +24,8 @@ import yaml
 from tqdm import tqdm
 
 from nearswap_mergekit.kernel import chain_with_row_stats
-
-METHOD = "nearswap_chain"
+from nearswap_mergekit.registration import register
+from nearswap_mergekit.spec import METHOD_NAME
 #: Elements per block of rows read and processed at once.
 BLOCK_ELEMENTS = 1 << 20
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -62,6 +62,7 @@ def load_recipe(path: str):
     """Parse a recipe with mergekit's own MergeConfiguration."""
     from mergekit.config import MergeConfiguration
 
+    register()  # a no-op where the start-up hook has done it
     if not os.path.isfile(path):
         raise RecipeError(f"recipe {path!r} does not exist")
     try:
@@ -70,10 +71,10 @@ def load_recipe(path: str):
         raise RecipeError(f"recipe {path!r} is not valid YAML: {error}") from None
     except Exception as error:
         raise RecipeError(f"recipe {path!r} is not a mergekit recipe: {error}") from None
-    if config.merge_method != METHOD:
+    if config.merge_method != METHOD_NAME:
         raise RecipeError(
             f"recipe {path!r} uses merge_method {config.merge_method!r}; "
-            f"stats and calibrate work on {METHOD!r} recipes"
+            f"stats and calibrate work on {METHOD_NAME!r} recipes"
         )
     return config
 
@@ -119,8 +120,7 @@ def plan(config, options=None) -> List[TensorJob]:
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
-    import nearswap_mergekit  # noqa: F401  (registers the method)
-
+    register()  # a no-op where the start-up hook has done it
     options = options or MergeOptions()
     config = config.model_copy(deep=True)
     arch_info = get_architecture_info(config, options)

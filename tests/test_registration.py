@@ -69,14 +69,17 @@ def test_environment_variable_switches_the_hook_off():
         except RuntimeError as error:
             print("absent:", error)
         import nearswap_mergekit
-        print("explicit:", "nearswap_chain" in names())
+        print("import alone:", "nearswap_chain" in names())
+        print("explicit:", nearswap_mergekit.register(), "nearswap_chain" in names())
         """
     result = python(code, env={"NEARSWAP_MERGEKIT_NO_HOOK": "1"})
     assert "absent: Unimplemented merge method nearswap_chain" in result.stdout, result.stderr
-    assert "explicit: True" in result.stdout
+    assert "import alone: False" in result.stdout
+    assert "explicit: True True" in result.stdout
+    assert result.stderr == ""
 
 
-def test_python_dash_S_registers_on_import_or_register():
+def test_python_dash_S_registers_with_register_quietly():
     code = f"""
         import sys
         sys.path[:0] = [{str(REPO)!r}, {SITE_PACKAGES!r}]
@@ -84,14 +87,72 @@ def test_python_dash_S_registers_on_import_or_register():
         print("before:", "nearswap_chain" in names())
         import nearswap_mergekit
         print("after import:", "nearswap_chain" in names())
+        print("register:", nearswap_mergekit.register(), "nearswap_chain" in names())
         print("register again:", nearswap_mergekit.register(), names().count("nearswap_chain"))
         """
     result = python(code, "-S", helpers=False)
-    assert result.stdout.split("\n")[:3] == [
+    assert result.stdout.split("\n")[:4] == [
         "before: False",
-        "after import: True",
+        "after import: False",
+        "register: True True",
         "register again: True 1",
     ], result.stderr
+    assert result.stderr == ""
+
+
+def test_import_has_no_side_effects_and_the_kernel_needs_no_mergekit():
+    """`import nearswap_mergekit` imports neither mergekit nor transformers and prints
+    nothing; with mergekit made unimportable, the kernels still work."""
+    quiet = python(
+        """
+        import sys
+        import nearswap_mergekit
+        print(sorted({m.split(".")[0] for m in sys.modules} & {"mergekit", "transformers"}))
+        """,
+        helpers=False,
+    )
+    assert quiet.stdout == "[]\n" and quiet.stderr == "", quiet.stderr
+    without_mergekit = python(
+        """
+        import sys
+        class NoMergekit:
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("mergekit", "transformers"):
+                    raise ImportError(f"{name} hidden by the test")
+        sys.meta_path.insert(0, NoMergekit())
+        import torch
+        from nearswap_mergekit import nearswap, nearswap_chain
+        a, b = torch.zeros(3), torch.tensor([1e-5, 1.0, -1.0])
+        print(torch.equal(nearswap(a, b, 1e-4), torch.tensor([1e-5, 1e-4, -1e-4])))
+        print(nearswap_chain(a, [b, b], 1e-4).shape)
+        """,
+        env={"NEARSWAP_MERGEKIT_NO_HOOK": "1"},
+        helpers=False,
+    )
+    assert without_mergekit.stdout.split("\n")[:2] == ["True", "torch.Size([3])"], without_mergekit.stderr
+
+
+def test_explicit_register_with_the_hook_live_is_quiet():
+    """register() imports mergekit.merge_methods (firing the hook, which registers
+    the method) before the adapter: no half-initialised import, no message."""
+    result = python(
+        """
+        import nearswap_mergekit
+        print(nearswap_mergekit.register(), names().count("nearswap_chain"))
+        """
+    )
+    assert result.stdout.strip() == "True 1" and result.stderr == "", result.stderr
+
+
+def test_a_find_spec_probe_does_not_spend_the_hook():
+    probe = (
+        "import importlib.util\n"
+        "print(importlib.util.find_spec('mergekit.merge_methods') is not None)\n"
+        "print(importlib.util.find_spec('mergekit.merge_methods') is not None)\n"
+    )
+    # REGISTRY_HELPERS then imports mergekit.merge_methods for real.
+    result = python(probe + REGISTRY_HELPERS + "print(pretty_name('nearswap_chain'))\n", helpers=False)
+    assert result.stdout.split("\n")[:3] == ["True", "True", "NearSwap chain"], result.stderr
 
 
 def test_pth_line_is_idempotent_and_harmless_without_its_module():
@@ -127,49 +188,6 @@ def test_a_broken_plugin_is_logged_once_and_skipped(tmp_path):
     assert result.stdout.strip() == "Linear NearSwap chain", result.stderr
     assert result.stderr.count("simulated failure") == 1
     assert "'broken'" in result.stderr
-
-
-@pytest.mark.slow
-def test_built_wheel_in_a_fresh_venv(tmp_path, workspace):
-    """Build the wheel, install it into a new venv, and run the stock mergekit-yaml there."""
-    dist = tmp_path / "dist"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "-q", "-w", str(dist), str(REPO)],
-        check=True, capture_output=True,
-    )
-    (wheel,) = dist.glob("nearswap_mergekit-*.whl")
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-    fresh_python = venv / "bin" / "python"
-    fresh_site = subprocess.run(
-        [fresh_python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()
-    # mergekit, torch and the rest come from this environment (a path line, no hooks).
-    Path(fresh_site, "shared_dependencies.pth").write_text(SITE_PACKAGES + "\n")
-    subprocess.run(
-        [fresh_python, "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
-        check=True, capture_output=True,
-    )
-    for name in ("nearswap_mergekit_hook.pth", "nearswap_mergekit_hook.start", "nearswap_mergekit_hook.py"):
-        assert Path(fresh_site, name).is_file()
-    result = subprocess.run(
-        [fresh_python, "-c",
-         REGISTRY_HELPERS + "import nearswap_mergekit as n; print(pretty_name('nearswap_chain').replace(' ', '_'), n.__file__)"],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    name, location = result.stdout.split()
-    assert name == "NearSwap_chain" and location.startswith(fresh_site), result.stderr
-    # The stock mergekit-yaml entry point (mergekit.scripts.run_yaml:main), run by that venv.
-    shutil.copy(REPO / "configs" / "demo-boreangale.yml", workspace.root / "wheel.yml")
-    merge = subprocess.run(
-        [fresh_python, "-c", "import sys; from mergekit.scripts.run_yaml import main; sys.exit(main())",
-         "wheel.yml", str(tmp_path / "merged")],
-        capture_output=True, text=True, cwd=workspace.root, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    assert merge.returncode == 0, merge.stderr
-    assert "NearSwap chain" in (tmp_path / "merged" / "README.md").read_text()
 
 
 def test_steps_aside_when_mergekit_already_has_a_nearswap_chain():
@@ -294,3 +312,54 @@ def test_another_package_publishes_a_method_through_the_entry_point_group(tmp_pa
     miqu, xwin = (load_file(str(workspace.models / m / "model.safetensors")) for m in ("miqu", "xwin"))
     assert all(out[name].equal(torch.maximum(miqu[name], xwin[name])) for name in xwin)
     assert "Elementwise max" in (tmp_path / "out" / "README.md").read_text()
+
+
+PLUGIN_STYLES = {
+    # `from ... import` style: works even while mergekit.merge_methods is importing.
+    "from_import": "from mergekit.merge_methods import registry",
+    # These need mergekit.merge_methods bound on mergekit when plugins run
+    # (Python binds a submodule on its parent only once its import returns).
+    "module_alias": "import mergekit.merge_methods as mm\n    registry = mm.registry",
+    "attribute": "import mergekit\n    registry = mergekit.merge_methods.registry",
+}
+PLUGIN_SOURCE = """
+def register():
+    {import_line}
+    if hasattr(registry, "register"):  # mergekit 0.1.5
+        import torch
+        from mergekit.merge_methods import TensorGroup, merge_method
+
+        @merge_method(name={name!r})
+        def first(group: TensorGroup) -> torch.Tensor:
+            return group.entries[0].tensor
+
+        registry.register(first)
+    else:  # mergekit 0.1.4
+        from mergekit.merge_methods.linear import LinearMerge
+
+        registry.REGISTERED_MERGE_METHODS[{name!r}] = LinearMerge()
+"""
+
+
+def _plugin_dist(folder: Path, module: str, source: str) -> None:
+    (folder / f"{module}.py").write_text(source)
+    dist = folder / f"{module}-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(f"[mergekit.merge_methods]\n{module} = {module}:register\n")
+
+
+def test_plugins_may_use_either_import_style(tmp_path):
+    for style, import_line in PLUGIN_STYLES.items():
+        name = f"plugin_{style}"
+        _plugin_dist(tmp_path, name, PLUGIN_SOURCE.format(import_line=import_line, name=name))
+    result = python(
+        """
+        print(sorted(n for n in names() if n.startswith("plugin_") or n == "nearswap_chain"))
+        """,
+        env={"PYTHONPATH": str(tmp_path)},
+    )
+    assert result.stdout.strip() == str(
+        ["nearswap_chain", "plugin_attribute", "plugin_from_import", "plugin_module_alias"]
+    ), result.stderr
+    assert result.stderr == ""
