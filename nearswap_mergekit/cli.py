@@ -13,10 +13,6 @@ from typing import Optional
 
 import click
 
-#: Recipes ship in the source repository's configs/ folder.
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
 def stock_cli(name: str) -> str:
     """Path of a mergekit console script from this environment (e.g. mergekit-yaml)."""
     beside = Path(sys.executable).parent / name
@@ -32,6 +28,36 @@ def main():
 
 
 @main.command()
+@click.argument("name", required=False)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, writable=True),
+              help="Write the recipe to this file instead of standard output.")
+def recipe(name: Optional[str], output: Optional[str]):
+    """List the shipped recipes, or print the one called NAME.
+
+    \b
+    nearswap-mergekit recipe quartet > quartet.yml
+    mergekit-yaml quartet.yml QuartetAnemoi-70B/
+    """
+    from nearswap_mergekit import recipebook
+
+    if name is None:
+        catalog = recipebook.catalog()
+        width = max(map(len, catalog))
+        for recipe_name, summary in catalog.items():
+            click.echo(f"{recipe_name:<{width}}  {summary}")
+        return
+    try:
+        text = recipebook.text(name)
+    except KeyError as error:
+        raise click.BadParameter(error.args[0], param_hint="NAME") from None
+    if output:
+        Path(output).write_text(text, encoding="utf-8")
+        click.echo(f"wrote {output}", err=True)
+    else:
+        click.echo(text, nl=False)
+
+
+@main.command()
 @click.option(
     "--workdir",
     default="demo",
@@ -41,29 +67,40 @@ def main():
 )
 @click.option(
     "--recipe",
-    default=str(CONFIGS_DIR / "demo-quartet.yml"),
-    show_default="configs/demo-quartet.yml",
-    type=click.Path(exists=True, dir_okay=False),
-    help="Recipe to run; its model paths are relative to --workdir.",
+    "recipe_name",
+    default="demo-quartet",
+    show_default=True,
+    help="Shipped recipe to run (see `nearswap-mergekit recipe`), or a path to "
+    "one; its model paths are relative to --workdir.",
 )
-def demo(workdir: str, recipe: str):
+def demo(workdir: str, recipe_name: str):
     """Build the tiny stand-in quartet and merge it with the stock mergekit-yaml."""
+    from nearswap_mergekit import recipebook
     from nearswap_mergekit.tiny import build_family
 
+    if Path(recipe_name).is_file():
+        recipe_file, text = Path(recipe_name).name, Path(recipe_name).read_text()
+    else:
+        try:
+            text = recipebook.text(recipe_name)
+        except KeyError as error:
+            raise click.BadParameter(
+                f"{error.args[0]}; or give the path of a recipe file", param_hint="--recipe"
+            ) from None
+        recipe_file = Path(recipe_name).stem + recipebook.SUFFIX
+    mergekit_yaml = stock_cli("mergekit-yaml")
     workdir_path = Path(workdir).resolve()
     started = time.perf_counter()
     paths = build_family(workdir_path / "tiny-quartet")
     click.echo(f"built {len(paths)} stand-in checkpoints in {workdir_path / 'tiny-quartet'}")
-    recipe_copy = workdir_path / Path(recipe).name
-    shutil.copyfile(recipe, recipe_copy)
+    (workdir_path / recipe_file).write_text(text)
     out = workdir_path / "merged"
-    command = [stock_cli("mergekit-yaml"), recipe_copy.name, "merged"]
-    click.echo(f"running in {workdir_path}: mergekit-yaml {' '.join(command[1:])}")
-    result = subprocess.run([*command, "--quiet"], cwd=workdir_path)
+    click.echo(f"running in {workdir_path}: mergekit-yaml {recipe_file} merged")
+    result = subprocess.run([mergekit_yaml, recipe_file, "merged", "--quiet"], cwd=workdir_path)
     if result.returncode:
         raise click.ClickException(f"mergekit-yaml failed with exit code {result.returncode}")
     click.echo(f"merged model: {out} ({time.perf_counter() - started:.1f} s)")
-    click.echo(f"swap statistics: cd {workdir} && nearswap-mergekit stats {recipe_copy.name}")
+    click.echo(f"swap statistics: cd {workdir} && nearswap-mergekit stats {recipe_file}")
 
 
 def _sample_option(function):
@@ -85,10 +122,12 @@ def _check_sample(_ctx, _param, value):
 
 
 def _check_ts(_ctx, _param, values):
-    for value in values:
-        if not (value >= 0 and value != float("inf")):
-            raise click.BadParameter(f"t must be a finite number >= 0; got {value}")
-    return values
+    from nearswap_mergekit.spec import parse_threshold
+
+    try:
+        return [parse_threshold(value, "t") for value in values]
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 @contextlib.contextmanager
@@ -125,7 +164,7 @@ def _write_json(path: Optional[str], report: dict):
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--t", "ts", multiple=True, type=float, callback=_check_ts,
+@click.option("--t", "ts", multiple=True, callback=_check_ts,
               help="Threshold(s) to evaluate instead of the recipe's own; repeat for a ladder.")
 @_sample_option
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")

@@ -1,5 +1,7 @@
 """Every shipped recipe loads with mergekit's own config classes and says what it is."""
 
+import os
+
 from pathlib import Path
 
 import pytest
@@ -7,9 +9,20 @@ import yaml
 from conftest import CONFIGS
 
 from mergekit.config import MergeConfiguration
-from nearswap_mergekit import check_threshold
+from nearswap_mergekit import check_threshold, recipebook
 
 RECIPES = sorted(CONFIGS.glob("*.yml"))
+
+
+def test_the_package_ships_configs_itself():
+    """One copy of each recipe: the package's recipes folder is a link to configs/."""
+    assert os.path.realpath(Path(recipebook.__file__).parent / "recipes") == str(CONFIGS.resolve())
+    assert recipebook.names() == sorted(p.stem for p in RECIPES)
+    for name, summary in recipebook.catalog().items():
+        assert recipebook.text(name) == (CONFIGS / f"{name}.yml").read_text()
+        assert summary and len(summary) <= 100 and not summary.startswith("#")
+    with pytest.raises(KeyError, match="no recipe called 'nope'; the recipes are: boreangale, "):
+        recipebook.text("nope")
 CARD_CHAIN = [
     "Sao10K/WinterGoddess-1.4x-70B-L2",
     "sophosympatheia/Aurora-Nights-70B-v1.0",
