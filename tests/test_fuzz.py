@@ -1,21 +1,18 @@
 """Random recipes never end in an unexplained traceback from this package's code."""
 
-import contextlib
 import traceback
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nearswap_mergekit import stats
 
 PACKAGE = str(Path(stats.__file__).parent)
 EXPLAINED = (ValueError, stats.RecipeError)  # pydantic's ValidationError is a ValueError
-OUTCOMES = Counter()
-MESSAGES = []
 
 scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
@@ -84,23 +81,30 @@ def assert_explained(error: BaseException):
     assert str(error), "".join(traceback.format_exception(error))
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(recipe=recipes())
-def test_random_recipes_plan_or_fail_with_a_reason(workspace, recipe):
-    path = workspace.root / "fuzz.yml"
-    path.write_text(yaml.safe_dump(recipe))
-    try:
-        with contextlib.chdir(workspace.root):  # the recipes' ./tiny-quartet/ paths
-            config = stats.load_recipe(str(path))
-            jobs = stats.plan(config)
-    except Exception as error:  # noqa: BLE001 - judged below
-        OUTCOMES[type(error).__name__] += 1
-        MESSAGES.append(str(error)[-300:])
-        assert_explained(error)
-        return
-    OUTCOMES["planned"] += 1
-    for job in jobs:  # a recipe that plans has valid thresholds for every stage
-        assert all(stage.t >= 0 for stage in job.stages)
+def test_random_recipes_plan_or_fail_with_a_reason(workspace, monkeypatch):
+    outcomes, messages = Counter(), []
+    monkeypatch.chdir(workspace.root)  # the recipes' ./tiny-quartet/ paths
+
+    @settings(max_examples=80, deadline=None, database=None)
+    @given(recipe=recipes())
+    def plan_or_explain(recipe):
+        path = workspace.root / "fuzz.yml"
+        path.write_text(yaml.safe_dump(recipe))
+        try:
+            jobs = stats.plan(stats.load_recipe(str(path)))
+        except Exception as error:  # noqa: BLE001 - judged below
+            outcomes[type(error).__name__] += 1
+            messages.append(str(error)[-300:])
+            assert_explained(error)
+            return
+        outcomes["planned"] += 1
+        for job in jobs:  # a recipe that plans has valid thresholds for every stage
+            assert all(stage.t >= 0 for stage in job.stages)
+
+    plan_or_explain()
+    # Not vacuous: some recipes got through planning and some were turned away.
+    assert outcomes["planned"] > 0, (outcomes, messages[:15])
+    assert sum(outcomes.values()) > outcomes["planned"], outcomes
 
 
 def test_recipe_error_for_a_yaml_syntax_error(tmp_path):
@@ -108,10 +112,3 @@ def test_recipe_error_for_a_yaml_syntax_error(tmp_path):
     path.write_text("merge_method: [unclosed\n")
     with pytest.raises(stats.RecipeError, match="is not valid YAML"):
         stats.load_recipe(str(path))
-
-
-def test_the_fuzzer_reached_planning():
-    """Guard against a fuzzer that only ever exercises the first check."""
-    if OUTCOMES:
-        assert OUTCOMES["planned"] > 0, (OUTCOMES, MESSAGES[:15])
-
