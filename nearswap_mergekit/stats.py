@@ -2,8 +2,8 @@
 
 mergekit's own planner resolves the recipe (models, slices, per-model t, filters,
 layer gradients, dtype); its loader finds each tensor; rows are read straight
-from the safetensors files, all of them or, with `sample` < 1, every k-th row
-from an offset drawn from the tensor's name, and run through the same
+from the safetensors files, all of them or, with `sample` < 1, runs of contiguous
+rows drawn at random (cluster sampling, seeded), and run through the same
 arithmetic as the merge, stage by stage.
 """
 
@@ -17,7 +17,7 @@ import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import yaml
@@ -80,7 +80,11 @@ def load_recipe(path: str):
 
 
 class RowReader:
-    """Rows of one tensor of one model, read through mergekit's loader index."""
+    """Rows of one tensor of one model, read through mergekit's loader index.
+
+    safetensors tensors are memory-mapped (safetensors maps the file and reads
+    nothing until rows are touched), so a sample reads only its rows.
+    """
 
     def __init__(self, model, names: Sequence[str]):
         from mergekit.io.tasks import LoaderCache
@@ -95,21 +99,16 @@ class RowReader:
         if loader.index.is_safetensors:
             from safetensors import safe_open
 
-            self._slice = safe_open(path, framework="pt").get_slice(self.name)
-            self.shape = tuple(self._slice.get_shape())
-            self.dtype = None
+            self._tensor = safe_open(path, framework="pt").get_tensor(self.name)
         else:
-            tensor = loader.get_tensor(self.name)
-            self._slice = tensor
-            self.shape = tuple(tensor.shape)
+            self._tensor = loader.get_tensor(self.name)
+        self.shape = tuple(self._tensor.shape)
         self.rows = self.shape[0] if len(self.shape) >= 2 else 1
         self.row_len = math.prod(self.shape[1:]) if len(self.shape) >= 2 else math.prod(self.shape)
 
     def read(self, rows: range) -> torch.Tensor:
-        """The given rows (a range, possibly strided) as a (rows, row_len) tensor."""
-        if len(self.shape) < 2:
-            return self._slice[:].reshape(1, -1)
-        return self._slice[rows.start : rows.stop : rows.step].reshape(len(rows), self.row_len)
+        """The given contiguous rows as a (rows, row_len) tensor (a view where it can be)."""
+        return self._tensor.reshape(self.rows, self.row_len)[rows.start : rows.stop]
 
 
 def plan(config, options=None) -> List[TensorJob]:
@@ -182,57 +181,115 @@ def _chain_of(task):
     return None
 
 
-def sampled_rows(name: str, rows: int, sample: float) -> range:
-    """Every k-th row (k = round(1 / sample)) from an offset drawn from the tensor's
-    name: deterministic, spread over the whole tensor, one strided read per block.
-    All rows when sample == 1."""
-    step = max(1, round(1 / sample))
-    if step >= rows:  # keep at least two rows, for a standard error
-        step = max(1, rows // 2)
-    return range(zlib.crc32(name.encode()) % step, rows, step)
+#: Rows are sampled in runs of contiguous rows ("clusters"): one read per run. A
+#: cluster holds about this many elements, and a tensor has at least MIN_CLUSTERS
+#: clusters where it has that many rows, so that a small sample still spans many.
+CLUSTER_ELEMENTS = 1 << 14
+MIN_CLUSTERS = 1000
+#: At least this many clusters of each tensor are read (all of them, where fewer),
+#: so that estimates rest on enough draws for a normal interval.
+MIN_SAMPLED_CLUSTERS = 64
+
+
+@dataclass(frozen=True)
+class RowSample:
+    """The rows of one tensor that are read: clusters of `cluster_rows` contiguous
+    rows (the last may be shorter). The clusters are split into len(chosen) strata
+    of consecutive clusters, and one cluster is drawn at random in each; strata[i]
+    is the number of clusters in chosen[i]'s stratum."""
+
+    rows: int
+    cluster_rows: int
+    chosen: Tuple[int, ...]
+    strata: Tuple[int, ...]
+
+    @property
+    def clusters(self) -> int:
+        return -(-self.rows // self.cluster_rows)
+
+    @property
+    def exact(self) -> bool:
+        return len(self.chosen) == self.clusters
+
+    def reads(self, max_rows: int) -> List[range]:
+        """Row ranges to read: chosen clusters, adjacent ones merged up to max_rows."""
+        out: List[range] = []
+        for cluster in self.chosen:
+            start = cluster * self.cluster_rows
+            stop = min(start + self.cluster_rows, self.rows)
+            last = out[-1] if out else None
+            if last is not None and last.stop == start and stop - last.start <= max_rows:
+                out[-1] = range(last.start, stop)
+            else:
+                out.append(range(start, stop))
+        return out
+
+
+def sample_rows(name: str, rows: int, row_len: int, sample: float, seed: int = 0) -> RowSample:
+    """Every cluster of rows when sample == 1; else a fraction `sample` of them (at
+    least MIN_SAMPLED_CLUSTERS), one drawn at random in each of that many strata
+    of consecutive clusters (seeded by the tensor's name and `seed`). Random
+    draws, unlike every k-th row, cannot fall in step with periodic structure such
+    as attention heads; the strata spread the sample over the whole tensor."""
+    cluster_rows = max(1, min(CLUSTER_ELEMENTS // max(row_len, 1), rows // MIN_CLUSTERS))
+    clusters = -(-rows // cluster_rows)
+    wanted = clusters if sample >= 1 else max(MIN_SAMPLED_CLUSTERS, math.ceil(sample * clusters))
+    if wanted >= clusters:
+        return RowSample(rows, cluster_rows, tuple(range(clusters)), (1,) * clusters)
+    bounds = [h * clusters // wanted for h in range(wanted + 1)]
+    sizes = [high - low for low, high in zip(bounds, bounds[1:])]
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    draws = torch.rand(wanted, generator=generator, dtype=torch.float64).tolist()
+    chosen = tuple(low + min(int(u * size), size - 1) for low, size, u in zip(bounds, sizes, draws))
+    return RowSample(rows, cluster_rows, chosen, tuple(sizes))
 
 
 class RowSums:
-    """Sums over sampled rows of per-row counts, enough for means and standard errors."""
+    """Per tensor and field, each stratum's estimated total (its drawn cluster's total
+    times the stratum's size, in stratum order): enough for estimated totals and
+    their standard errors."""
 
     FIELDS = ("identical", "full", "moved", "shift", "nonfinite")
 
-    def __init__(self, rows: int, row_len: int):
-        self.rows, self.row_len, self.n = rows, row_len, 0
-        self.sum = dict.fromkeys(self.FIELDS, 0.0)
-        self.sq = dict.fromkeys(self.FIELDS, 0.0)
-        self.shift_moved = 0.0
+    def __init__(self, sample: RowSample, row_len: int):
+        self.rows, self.row_len = sample.rows, row_len
+        self.exact, self.strata = sample.exact, sample.strata
+        self.totals: Dict[str, List[float]] = {key: [] for key in self.FIELDS}
 
-    def add(self, *per_row):
-        """Add one block's per-row statistics, in the order of FIELDS."""
-        values = dict(zip(self.FIELDS, (x.to(torch.float64) for x in per_row)))
-        self.n += len(per_row[0])
-        for key, value in values.items():
-            self.sum[key] += value.sum().item()
-            self.sq[key] += (value * value).sum().item()
-        self.shift_moved += (values["shift"] * values["moved"]).sum().item()
+    @property
+    def n(self) -> int:
+        return len(self.totals["full"])
+
+    def add(self, *per_cluster):
+        """Add the totals of the next clusters in stratum order, in the order of FIELDS."""
+        sizes = torch.tensor(self.strata[self.n : self.n + len(per_cluster[0])], dtype=torch.float64)
+        for key, value in zip(self.FIELDS, per_cluster):
+            self.totals[key].extend((value.to(torch.float64) * sizes).tolist())
 
     def total(self, key):
-        """Estimated total over all rows, and its variance."""
-        s = self.sum[key]
-        return self.rows * s / self.n, self._total_covariance(self.sq[key], s, s)
+        """Estimated total over the whole tensor, and its variance."""
+        return math.fsum(self.totals[key]), self._variance(self.totals[key])
 
-    def _total_covariance(self, sum_xy, sum_x, sum_y) -> float:
-        """Covariance of two estimated totals (simple random sampling of rows,
-        finite population corrected: zero when every row was read)."""
-        n = self.n
-        if n >= self.rows or n < 2:
+    def _variance(self, values: Sequence[float]) -> float:
+        """Variance of a sum of stratum totals with one draw per stratum, by
+        successive differences between neighbouring strata (conservative where
+        neighbours are alike); zero when every cluster was read."""
+        n = len(values)
+        if self.exact or n < 2:
             return 0.0
-        covariance = (sum_xy - sum_x * sum_y / n) / (n - 1)
-        return self.rows**2 * (1 - n / self.rows) * covariance / n
+        squares = math.fsum((b - a) ** 2 for a, b in zip(values, values[1:]))
+        return n / (2 * (n - 1)) * squares
+
+    def zero_event_bound(self) -> float:
+        """A conservative 95 % upper bound on the number of elements with an event
+        when none of the n sampled clusters showed one: at most 3/n of the clusters
+        hold one (the rule of three), and at most all of such a cluster's elements."""
+        return 0.0 if self.exact else min(1.0, 3 / max(self.n, 1)) * self.rows * self.row_len
 
     def ratio_terms(self, ratio):
-        """Variance term of total(shift) - ratio * total(moved), for the ratio estimate's SE."""
-        s, c = self.sum["shift"], self.sum["moved"]
-        var_s = self._total_covariance(self.sq["shift"], s, s)
-        var_c = self._total_covariance(self.sq["moved"], c, c)
-        cov = self._total_covariance(self.shift_moved, s, c)
-        return var_s - 2 * ratio * cov + ratio * ratio * var_c
+        """Variance of total(shift) - ratio * total(moved), for the ratio estimate's SE."""
+        z = [s - ratio * c for s, c in zip(self.totals["shift"], self.totals["moved"])]
+        return self._variance(z)
 
 
 def summarize(sums: Sequence[RowSums]) -> Dict[str, float]:
@@ -244,8 +301,15 @@ def summarize(sums: Sequence[RowSums]) -> Dict[str, float]:
         ("nonfinite", "nonfinite_fraction"),
     ):
         totals = [s.total(key) for s in sums]
-        out[label] = sum(t for t, _ in totals) / elements if elements else 0.0
+        value = sum(t for t, _ in totals)
+        out[label] = value / elements if elements else 0.0
         out[label + "_se"] = math.sqrt(sum(v for _, v in totals)) / elements if elements else 0.0
+        if value == 0 and elements and not all(s.exact for s in sums):
+            # None seen in the sample is no proof of none: report a bound, and a
+            # standard error that puts it 1.96 standard errors above the estimate.
+            bound = sum(s.zero_event_bound() for s in sums) / elements
+            out[label + "_upper_95"] = bound
+            out[label + "_se"] = bound / 1.96
     shift = sum(s.total("shift")[0] for s in sums)
     moved = sum(s.total("moved")[0] for s in sums)
     ratio = shift / moved if moved else 0.0
@@ -271,6 +335,7 @@ def measure(
     sample: float = 1.0,
     progress: bool = True,
     stages_limit: Optional[int] = None,
+    seed: int = 0,
 ) -> List[List[Dict[str, RowSums]]]:
     """Per setting, per stage: tensor name -> RowSums. Reads every input once.
 
@@ -279,26 +344,37 @@ def measure(
         raise ValueError(f"sample must be in (0, 1]; got {sample}")
     stages = max(len(job.stages) for job in jobs) if jobs else 0
     results = [[{} for _ in range(stages)] for _ in settings]
-    chosen = {job.name: sampled_rows(job.name, job.readers[job.base_model].rows, sample) for job in jobs}
-    total = sum(len(chosen[job.name]) * job.readers[job.base_model].row_len for job in jobs)
+    chosen = {}
+    for job in jobs:
+        base = job.readers[job.base_model]
+        chosen[job.name] = sample_rows(job.name, base.rows, base.row_len, sample, seed)
+    total = sum(
+        sum(map(len, chosen[job.name].reads(1 << 62))) * job.readers[job.base_model].row_len
+        for job in jobs
+    )
     bar = tqdm(total=total, unit="weights", unit_scale=True, desc="reading", disable=not progress)
     for job in jobs:
         base = job.readers[job.base_model]
         models = [job.readers[stage.model] for stage in job.stages[:stages_limit]]
         dtype = job.dtype or _promoted([base, *models])
+        rows = chosen[job.name]
         for setting_index, setting in enumerate(settings):
             for k in range(len(models)):
-                results[setting_index][k][job.name] = RowSums(base.rows, base.row_len)
-        rows_per_block = max(1, BLOCK_ELEMENTS // max(base.row_len, 1))
-        rows = chosen[job.name]
-        for first in range(0, len(rows), rows_per_block):
-            block = rows[first : first + rows_per_block]
+                results[setting_index][k][job.name] = RowSums(rows, base.row_len)
+        for block in rows.reads(max(1, BLOCK_ELEMENTS // max(base.row_len, 1))):
             v0, *secondaries = (m.read(block).to(dtype).contiguous() for m in [base, *models])
+            # Each row's cluster, numbered from the block's first (all of them drawn).
+            cluster = torch.arange(block.start, block.stop) // rows.cluster_rows
+            cluster -= block.start // rows.cluster_rows
+            count = int(cluster[-1]) + 1
             for setting_index, setting in enumerate(settings):
                 ts = [setting(job, k) for k in range(len(models))]
                 stats = chain_with_row_stats(v0, secondaries, ts, round_stages=job.round_stages)
                 for k in range(len(models)):
-                    results[setting_index][k][job.name].add(*(x[k] for x in stats))
+                    per_cluster = [
+                        torch.zeros(count, dtype=x.dtype).index_add_(0, cluster, x[k]) for x in stats
+                    ]
+                    results[setting_index][k][job.name].add(*per_cluster)
             bar.update(len(block) * base.row_len)
     bar.close()
     return results
@@ -344,14 +420,16 @@ def stage_report(jobs: Sequence[TensorJob], per_tensor: Dict[str, RowSums], inde
     }
 
 
-def stats_report(recipe: str, jobs, ts: Sequence[Optional[float]], sample: float, progress=True):
+def stats_report(recipe: str, jobs, ts: Sequence[Optional[float]], sample: float, progress=True,
+                 seed: int = 0):
     """The `stats` report: for each t (None: the recipe's own), every stage."""
     settings = [recipe_t if t is None else (lambda job, k, t=t: t) for t in ts]
     started = time.perf_counter()
-    measured = measure(jobs, settings, sample, progress)
+    measured = measure(jobs, settings, sample, progress, seed=seed)
     return {
         "recipe": recipe,
         "sample": sample,
+        "seed": seed,
         "read_seconds": time.perf_counter() - started,
         "results": [
             {
@@ -383,7 +461,8 @@ def _search(evaluate: Callable[[List[float]], List[float]], target: float):
     return min(candidates, key=lambda tf: (abs(tf[1] - target), tf[0]))
 
 
-def calibrate(jobs: Sequence[TensorJob], target: float, sample: float = 1.0, progress=True):
+def calibrate(jobs: Sequence[TensorJob], target: float, sample: float = 1.0, progress=True,
+              seed: int = 0):
     """Suggest t per stage (stage by stage, earlier stages at their suggested t) and
     one global t, so that the fraction fully swapped per pass is `target`."""
     if not 0 < target < 1:
@@ -392,7 +471,7 @@ def calibrate(jobs: Sequence[TensorJob], target: float, sample: float = 1.0, pro
     models = [stage_model(jobs, k) for k in range(count)]
 
     def fractions(settings, limit):
-        measured = measure(jobs, settings, sample, progress, stages_limit=limit)
+        measured = measure(jobs, settings, sample, progress, stages_limit=limit, seed=seed)
         return [[summarize(list(per_stage.values())) for per_stage in stages] for stages in measured]
 
     chosen: List[float] = []
