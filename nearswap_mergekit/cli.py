@@ -151,11 +151,39 @@ def _reading(recipe: str):
         ) from None
 
 
-def _plan(recipe: str):
+#: mergekit-yaml's options that change how a recipe is planned, as (flag, MergeOptions field).
+PLANNING_FLAGS = {
+    "--allow-crimes": ("allow_crimes", "Allow mixing architectures (as mergekit-yaml)."),
+    "--unsafe-truncate-embeddings": (
+        "unsafe_truncate_embeddings",
+        "Truncate embeddings to the smallest vocabulary (as mergekit-yaml 0.1.5).",
+    ),
+    "--trust-remote-code": ("trust_remote_code", "Trust remote code (as mergekit-yaml)."),
+    "--lazy-unpickle": (
+        "lazy_unpickle",
+        "As mergekit-yaml; stats always reads .bin files with mergekit's lazy unpickler.",
+    ),
+}
+
+
+def _planning_options(function):
+    for flag, (field, help_text) in reversed(PLANNING_FLAGS.items()):
+        function = click.option(flag, field, is_flag=True, help=help_text)(function)
+    return function
+
+
+def _plan(recipe: str, flags: dict):
+    from mergekit.options import MergeOptions
+
     from nearswap_mergekit import stats
 
+    chosen = {field: True for field, value in flags.items() if value}
+    unknown = sorted(set(chosen) - set(MergeOptions.model_fields))
+    if unknown:
+        flag = next(f for f, (field, _) in PLANNING_FLAGS.items() if field == unknown[0])
+        raise click.UsageError(f"{flag} is not an option of the installed mergekit")
     with _reading(recipe):
-        return stats.plan(stats.load_recipe(recipe))
+        return stats.plan(stats.load_recipe(recipe), MergeOptions(**chosen))
 
 
 def _percent(stage: dict, key: str, sample: float) -> str:
@@ -179,14 +207,15 @@ def _write_json(path: Optional[str], report: dict):
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False), help="Write a PNG plot here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def stats(recipe, ts, sample, seed, json_path, plot_path, quiet):
+@_planning_options
+def stats(recipe, ts, sample, seed, json_path, plot_path, quiet, **flags):
     """Per stage of RECIPE's chain: how many weights are identical, fully swapped and
     moved, and by how much; per layer and per tensor in --json. Writes no model."""
     from nearswap_mergekit import stats as stats_module
 
     if plot_path:
         _require_matplotlib()
-    jobs = _plan(recipe)
+    jobs = _plan(recipe, flags)
     if not jobs:
         raise click.ClickException(f"{recipe}: no tensor has both a base and a secondary")
     with _reading(recipe):
@@ -240,14 +269,15 @@ def _require_matplotlib():
 @_sample_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the result here.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def calibrate(recipe, target_swap, sample, seed, json_path, quiet):
+@_planning_options
+def calibrate(recipe, target_swap, sample, seed, json_path, quiet, **flags):
     """Suggest the t that fully swaps --target-swap of the weights per pass: per stage,
     and one global t for the whole chain."""
     from nearswap_mergekit import stats as stats_module
 
     if not 0 < target_swap < 1:
         raise click.BadParameter(f"must be in (0, 1); got {target_swap}", param_hint="--target-swap")
-    jobs = _plan(recipe)
+    jobs = _plan(recipe, flags)
     if not jobs:
         raise click.ClickException(f"{recipe}: no tensor has both a base and a secondary")
     with _reading(recipe):

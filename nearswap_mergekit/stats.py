@@ -9,6 +9,7 @@ arithmetic as the merge, stage by stage.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -51,6 +52,19 @@ class TensorJob:
     dtype: Optional[torch.dtype]
     round_stages: bool
     readers: Dict[str, "RowReader"] = field(default_factory=dict, repr=False)
+    #: mergekit's task that aligns this tensor's token rows, if it has one.
+    vocabulary_task: object = field(default=None, repr=False)
+
+    def open(self) -> Dict[str, "RowReader"]:
+        """Readers of the rows the merge compares: the files' rows, or, for a
+        vocabulary-aligned tensor, those of mergekit's aligned tensors (read whole)."""
+        if self.vocabulary_task is None:
+            return self.readers
+        from mergekit.graph import Executor
+
+        ((_, aligned),) = Executor([self.vocabulary_task]).run(quiet=True)
+        return {str(model): TensorRows(tensor) for model, tensor in aligned.items()
+                if str(model) in self.readers}
 
     @property
     def layer(self) -> Optional[int]:
@@ -79,11 +93,26 @@ def load_recipe(path: str):
     return config
 
 
+class Holdings:
+    """Bytes of tensor data that stats holds in memory at once (memory-mapped
+    safetensors rows excluded: the page cache holds those), and the peak."""
+
+    held = 0
+    peak = 0
+
+    @classmethod
+    def add(cls, nbytes: int) -> None:
+        cls.held += nbytes
+        cls.peak = max(cls.peak, cls.held)
+
+
 class RowReader:
     """Rows of one tensor of one model, read through mergekit's loader index.
 
     safetensors tensors are memory-mapped (safetensors maps the file and reads
-    nothing until rows are touched), so a sample reads only its rows.
+    nothing until rows are touched), so a sample reads only its rows. A pickled
+    (.bin) tensor is read whole, lazily, by mergekit's lazy unpickler, on the first
+    read, and let go by release(): one tensor per model at a time.
     """
 
     def __init__(self, model, names: Sequence[str]):
@@ -91,24 +120,65 @@ class RowReader:
 
         loader = LoaderCache().get(model)
         self.name = next((n for n in names if n in loader.index.tensor_paths), None)
+        self._tensor: Optional[torch.Tensor] = None
+        self._held = 0
         if self.name is None:
             self.shape = None
             return
         path = loader.index.tensor_paths[self.name]
-        path = path if os.path.isabs(path) else os.path.join(loader.index.base_path, path)
+        self.path = path if os.path.isabs(path) else os.path.join(loader.index.base_path, path)
         if loader.index.is_safetensors:
             from safetensors import safe_open
 
-            self._tensor = safe_open(path, framework="pt").get_tensor(self.name)
+            self.shape = tuple(safe_open(self.path, framework="pt").get_slice(self.name).get_shape())
         else:
-            self._tensor = loader.get_tensor(self.name)
-        self.shape = tuple(self._tensor.shape)
+            self.shape = tuple(_pickled_shard(self.path).index[self.name].shape)
+        self._set_shape()
+
+    def _set_shape(self):
         self.rows = self.shape[0] if len(self.shape) >= 2 else 1
         self.row_len = math.prod(self.shape[1:]) if len(self.shape) >= 2 else math.prod(self.shape)
 
+    def _load(self) -> torch.Tensor:
+        if self.path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            return safe_open(self.path, framework="pt").get_tensor(self.name)
+        tensor = _pickled_shard(self.path).get_tensor(self.name)
+        self._held = tensor.numel() * tensor.element_size()
+        Holdings.add(self._held)
+        return tensor
+
     def read(self, rows: range) -> torch.Tensor:
         """The given contiguous rows as a (rows, row_len) tensor (a view where it can be)."""
+        if self._tensor is None:
+            self._tensor = self._load()
         return self._tensor.reshape(self.rows, self.row_len)[rows.start : rows.stop]
+
+    def release(self) -> None:
+        """Let go of the tensor (read again on the next read)."""
+        self._tensor = None
+        Holdings.add(-self._held)
+        self._held = 0
+
+
+class TensorRows(RowReader):
+    """Rows of a tensor already in memory (one aligned by mergekit's vocabulary task)."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.name, self.path, self.shape = None, None, tuple(tensor.shape)
+        self._tensor, self._held = tensor, tensor.numel() * tensor.element_size()
+        Holdings.add(self._held)
+        self._set_shape()
+
+
+@functools.lru_cache(maxsize=None)
+def _pickled_shard(path: str):
+    """mergekit's lazy unpickler for one .bin shard: it reads the pickle's index
+    (names, shapes, offsets) now and each tensor only when asked for it."""
+    from mergekit.io.loader import TensorLoader
+
+    return TensorLoader.get(path, use_lazy_unpickle=True)
 
 
 def plan(config, options=None) -> List[TensorJob]:
@@ -135,6 +205,10 @@ def plan(config, options=None) -> List[TensorJob]:
             continue  # the writer's finalize and tokenizer tasks
         task, order, base, t_of, round_stages = chain
         gather = getattr(task.gather_tensors, "gather_tensors", task.gather_tensors)
+        # Embeddings and lm_head under `tokenizer:` (or --unsafe-truncate-embeddings)
+        # reach the method through mergekit's vocabulary task, which aligns their
+        # token rows; stats runs that same task on them.
+        vocabulary = task.gather_tensors if task.gather_tensors is not gather else None
         readers = {}
         for model in order:
             info = gather.weight_info[model]
@@ -152,8 +226,11 @@ def plan(config, options=None) -> List[TensorJob]:
             continue  # passed through from the base
         base = str(base)
         shapes = {readers[name].shape for name in [base, *(s.model for s in stages)]}
-        if len(shapes) > 1:
-            raise RecipeError(f"tensor {saved.tensor_name}: shapes differ between models: {sorted(shapes)}")
+        if len(shapes) > 1 and vocabulary is None:
+            raise RecipeError(
+                f"tensor {saved.tensor_name}: shapes differ between models: {sorted(shapes)}; "
+                "where vocabularies differ, set `tokenizer:` in the recipe as the merge needs"
+            )
         jobs.append(
             TensorJob(
                 name=saved.tensor_name,
@@ -162,6 +239,7 @@ def plan(config, options=None) -> List[TensorJob]:
                 dtype=getattr(torch, gather.dtype) if gather.dtype else None,
                 round_stages=round_stages,
                 readers=readers,
+                vocabulary_task=vocabulary,
             )
         )
     return jobs
@@ -344,20 +422,20 @@ def measure(
         raise ValueError(f"sample must be in (0, 1]; got {sample}")
     stages = max(len(job.stages) for job in jobs) if jobs else 0
     results = [[{} for _ in range(stages)] for _ in settings]
-    chosen = {}
-    for job in jobs:
+
+    def planned_elements(job):  # for the progress bar; aligned tensors may differ a little
         base = job.readers[job.base_model]
-        chosen[job.name] = sample_rows(job.name, base.rows, base.row_len, sample, seed)
-    total = sum(
-        sum(map(len, chosen[job.name].reads(1 << 62))) * job.readers[job.base_model].row_len
-        for job in jobs
-    )
-    bar = tqdm(total=total, unit="weights", unit_scale=True, desc="reading", disable=not progress)
+        rows = sample_rows(job.name, base.rows, base.row_len, sample, seed)
+        return sum(map(len, rows.reads(1 << 62))) * base.row_len
+
+    bar = tqdm(total=sum(map(planned_elements, jobs)), unit="weights", unit_scale=True,
+               desc="reading", disable=not progress)
     for job in jobs:
-        base = job.readers[job.base_model]
-        models = [job.readers[stage.model] for stage in job.stages[:stages_limit]]
+        readers = job.open()
+        base = readers[job.base_model]
+        models = [readers[stage.model] for stage in job.stages[:stages_limit]]
         dtype = job.dtype or _promoted([base, *models])
-        rows = chosen[job.name]
+        rows = sample_rows(job.name, base.rows, base.row_len, sample, seed)
         for setting_index, setting in enumerate(settings):
             for k in range(len(models)):
                 results[setting_index][k][job.name] = RowSums(rows, base.row_len)
@@ -375,7 +453,9 @@ def measure(
                         torch.zeros(count, dtype=x.dtype).index_add_(0, cluster, x[k]) for x in stats
                     ]
                     results[setting_index][k][job.name].add(*per_cluster)
-            bar.update(len(block) * base.row_len)
+        for reader in readers.values():
+            reader.release()
+        bar.update(planned_elements(job))
     bar.close()
     return results
 
@@ -425,12 +505,15 @@ def stats_report(recipe: str, jobs, ts: Sequence[Optional[float]], sample: float
     """The `stats` report: for each t (None: the recipe's own), every stage."""
     settings = [recipe_t if t is None else (lambda job, k, t=t: t) for t in ts]
     started = time.perf_counter()
+    Holdings.peak = Holdings.held
     measured = measure(jobs, settings, sample, progress, seed=seed)
     return {
         "recipe": recipe,
         "sample": sample,
         "seed": seed,
         "read_seconds": time.perf_counter() - started,
+        # Tensor data held in memory at once, at most (memory-mapped rows excluded).
+        "peak_bytes_held": Holdings.peak,
         "results": [
             {
                 "t": t,

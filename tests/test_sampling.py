@@ -25,6 +25,9 @@ class MemoryRows:
         self.reads += 1
         return self.tensor[rows.start : rows.stop].reshape(len(rows), self.row_len)
 
+    def release(self):
+        pass
+
 
 def periodic_family(rows: int, period: int, cols: int = 64, stages: int = 3, seed: int = 0):
     """A base and secondaries, each 10 t away from the chain's result so far,
