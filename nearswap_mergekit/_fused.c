@@ -4,34 +4,129 @@
  * float32 arithmetic in the same order, no FMA contraction (-ffp-contract=off),
  * NaN payloads propagated as x86 numpy does (the left operand's NaN wins in the
  * final add), and torch's float16 / bfloat16 rounding, NaNs included.
+ *
+ * Builds with GCC >= 9 and Clang >= 14 and needs only <stdint.h> (and
+ * <immintrin.h> on x86). float16 conversions use F16C on x86 where the target
+ * has it, _Float16 (the FCVT instructions) on aarch64, and a bit-exact software
+ * version elsewhere: all three round to nearest even and quiet NaNs, keeping the
+ * top of the payload.
  */
 #include <stdint.h>
-#include <string.h>
+
+#if defined(__FLT_EVAL_METHOD__) && __FLT_EVAL_METHOD__ != 0 && __FLT_EVAL_METHOD__ != 16
+/* Excess precision (x87) would round differently from torch's float32 ops. */
+#error "float arithmetic must be evaluated in float (FLT_EVAL_METHOD 0), e.g. with SSE2"
+#endif
+
+#if defined(__F16C__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#define HALF_F16C 1
+#elif defined(__aarch64__)
+#define HALF_NATIVE 1
+#endif
 
 enum { F32 = 0, F16 = 1, BF16 = 2 };
 #define BLOCK 1024
 
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
+static inline uint32_t bits_of(float f) {
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    return u;
+}
+
+static inline float float_of(uint32_t u) {
     float f;
-    memcpy(&f, &u, 4);
+    __builtin_memcpy(&f, &u, 4);
     return f;
 }
 
+static inline float bf16_to_f32(uint16_t h) { return float_of((uint32_t)h << 16); }
+
 static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
+    uint32_t u = bits_of(f);
     if (f != f) return 0xFFFF; /* torch's NaN */
     u += 0x7FFF + ((u >> 16) & 1);
     return (uint16_t)(u >> 16);
 }
 
+#if !defined(HALF_F16C) && !defined(HALF_NATIVE)
+/* Software float16, as F16C and FCVT compute it (round to nearest even, the
+ * default rounding mode, no flush to zero). */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16;
+    uint32_t exponent = (h >> 10) & 0x1F, mantissa = h & 0x3FF;
+    if (exponent == 0x1F) /* inf; NaN quieted, payload kept */
+        return float_of(sign | 0x7F800000 | (mantissa ? 0x400000 | (mantissa << 13) : 0));
+    if (exponent != 0) return float_of(sign | ((exponent + 112) << 23) | (mantissa << 13));
+    /* zero or subnormal: mantissa * 2^-24, exact in float */
+    return float_of(sign | bits_of((float)mantissa * 5.9604644775390625e-8f));
+}
+
+static inline uint16_t f32_to_f16(float f) {
+    uint32_t u = bits_of(f);
+    uint32_t sign = (u >> 16) & 0x8000, a = u & 0x7FFFFFFF;
+    if (a > 0x7F800000) return (uint16_t)(sign | 0x7E00 | ((a >> 13) & 0x3FF)); /* NaN */
+    if (a >= 0x47800000) return (uint16_t)(sign | 0x7C00); /* >= 2^16: inf */
+    if (a < 0x38800000) {
+        /* below 2^-14: adding 0.5 puts the float16 subnormal's bits, rounded to
+           nearest even by the FPU, at the bottom of the mantissa. */
+        return (uint16_t)(sign | (bits_of(float_of(a) + 0.5f) - 0x3F000000));
+    }
+    /* normal: rebias the exponent, round the 13 dropped bits to nearest even; a
+       carry out of the mantissa correctly bumps the exponent (up to inf). */
+    a += 0xC8000FFF + ((a >> 13) & 1); /* (15 - 127) << 23, plus 0xFFF */
+    return (uint16_t)(sign | (a >> 13));
+}
+#endif
+
+static void load_f16(const uint16_t *s, int64_t n, float *dst) {
+    int64_t j = 0;
+#if defined(HALF_F16C)
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + j))));
+    for (; j < n; j++) dst[j] = _cvtsh_ss(s[j]);
+#elif defined(HALF_NATIVE)
+    const _Float16 *h = (const _Float16 *)s;
+    for (; j < n; j++) dst[j] = (float)h[j];
+#else
+    for (; j < n; j++) dst[j] = f16_to_f32(s[j]);
+#endif
+}
+
+static void store_f16(uint16_t *o, int64_t n, const float *src) {
+    int64_t j = 0;
+#if defined(HALF_F16C)
+    for (; j + 8 <= n; j += 8)
+        _mm_storeu_si128((__m128i *)(o + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < n; j++) o[j] = _cvtss_sh(src[j], _MM_FROUND_TO_NEAREST_INT);
+#elif defined(HALF_NATIVE)
+    _Float16 *h = (_Float16 *)o;
+    for (; j < n; j++) h[j] = (_Float16)src[j];
+#else
+    for (; j < n; j++) o[j] = f32_to_f16(src[j]);
+#endif
+}
+
+static void round_trip_f16(float *a, int64_t n) {
+    int64_t j = 0;
+#if defined(HALF_F16C)
+    for (; j + 8 <= n; j += 8)
+        _mm256_storeu_ps(a + j, _mm256_cvtph_ps(_mm256_cvtps_ph(_mm256_loadu_ps(a + j),
+                                                                 _MM_FROUND_TO_NEAREST_INT)));
+    for (; j < n; j++) a[j] = _cvtsh_ss(_cvtss_sh(a[j], _MM_FROUND_TO_NEAREST_INT));
+#elif defined(HALF_NATIVE)
+    for (; j < n; j++) a[j] = (float)(_Float16)a[j];
+#else
+    for (; j < n; j++) a[j] = f16_to_f32(f32_to_f16(a[j]));
+#endif
+}
+
 static void load(const void *src, int dtype, int64_t i, int64_t n, float *dst) {
     if (dtype == F32) {
-        memcpy(dst, (const float *)src + i, n * sizeof(float));
+        __builtin_memcpy(dst, (const float *)src + i, n * sizeof(float));
     } else if (dtype == F16) {
-        const _Float16 *s = (const _Float16 *)src + i;
-        for (int64_t j = 0; j < n; j++) dst[j] = (float)s[j];
+        load_f16((const uint16_t *)src + i, n, dst);
     } else {
         const uint16_t *s = (const uint16_t *)src + i;
         for (int64_t j = 0; j < n; j++) dst[j] = bf16_to_f32(s[j]);
@@ -40,10 +135,9 @@ static void load(const void *src, int dtype, int64_t i, int64_t n, float *dst) {
 
 static void store(void *out, int dtype, int64_t i, int64_t n, const float *src) {
     if (dtype == F32) {
-        memcpy((float *)out + i, src, n * sizeof(float));
+        __builtin_memcpy((float *)out + i, src, n * sizeof(float));
     } else if (dtype == F16) {
-        _Float16 *o = (_Float16 *)out + i;
-        for (int64_t j = 0; j < n; j++) o[j] = (_Float16)src[j];
+        store_f16((uint16_t *)out + i, n, src);
     } else {
         uint16_t *o = (uint16_t *)out + i;
         for (int64_t j = 0; j < n; j++) o[j] = f32_to_bf16(src[j]);
@@ -52,7 +146,7 @@ static void store(void *out, int dtype, int64_t i, int64_t n, const float *src) 
 
 static void round_trip(float *a, int dtype, int64_t n) {
     if (dtype == F16) {
-        for (int64_t j = 0; j < n; j++) a[j] = (float)(_Float16)a[j];
+        round_trip_f16(a, n);
     } else if (dtype == BF16) {
         for (int64_t j = 0; j < n; j++) a[j] = bf16_to_f32(f32_to_bf16(a[j]));
     }
