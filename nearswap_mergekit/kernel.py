@@ -145,15 +145,30 @@ def _chain(base, secondaries, tensors, thresholds, round_stages, block_size, bac
         shape = (stop - start, *row_shape)
         n = math.prod(shape)
         a, b, d, w = (x[:n] for x in (acc, other, diff, weight))
-        a.view(shape).copy_(views[0][start:stop])
+        _widen(a.view(shape), views[0][start:stop])
         for secondary, t_k in zip(views[1:-1], t_values):
-            b.view(shape).copy_(secondary[start:stop])
+            _widen(b.view(shape), secondary[start:stop])
             _stage(a, b, t_k, one, d, w)
             if rounds:
                 low[:n].copy_(a)
-                a.copy_(low[:n])
+                _widen(a, low[:n])
         views[-1][start:stop].copy_(a.view(shape))
     return out
+
+
+def _widen(dst: torch.Tensor, src: torch.Tensor) -> None:
+    """dst.copy_(src), keeping float16 NaN payloads as the hardware conversion does.
+
+    torch's CPU float16 -> float32 copy gives NaNs in the scalar tail of its loop
+    the bits 0x7fffffff, so a NaN's payload would depend on its position.
+    """
+    dst.copy_(src)
+    if src.dtype == torch.float16 and src.device.type == "cpu":
+        nan = torch.isnan(src)
+        if nan.any():
+            half = src[nan].view(torch.int16).to(torch.int32) & 0xFFFF
+            single = ((half & 0x8000) << 16) | 0x7FC00000 | ((half & 0x3FF) << 13)
+            dst[nan] = single.view(torch.float32).to(dst.dtype)
 
 
 def _stage(

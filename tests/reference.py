@@ -25,7 +25,10 @@ def card_nearswap(t: float, v0: np.ndarray, v1: np.ndarray) -> np.ndarray:
 
 
 def _to_numpy(x: torch.Tensor, dtype) -> np.ndarray:
-    return x.detach().to("cpu", torch.float64 if dtype == np.float64 else torch.float32).numpy()
+    x = x.detach().cpu()
+    if x.dtype == torch.float16:  # numpy's own conversion keeps NaN payloads
+        return x.view(torch.int16).numpy().view(np.float16).astype(dtype)
+    return x.to(torch.float64 if dtype == np.float64 else torch.float32).numpy()
 
 
 def _round(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
