@@ -62,11 +62,18 @@ KEYS = ("identical_fraction", "full_swap_fraction", "mean_abs_shift")
 
 
 @pytest.mark.parametrize("period", [32, 64, 128])
-@pytest.mark.parametrize("sample", [1 / 32, 1 / 100, 1 / 128])
-def test_periodic_rows_cannot_alias_the_sample(period, sample):
+@pytest.mark.parametrize(
+    "sample, drawn",
+    # 16,384 rows make 1,024 runs of 16 rows: 1/32, 1/100 and 1/128 all draw the
+    # floor of 64 runs (1/32 stands for them); 1/4 draws 256.
+    [(1 / 32, stats.MIN_SAMPLED_CLUSTERS), (1 / 4, 256)],
+    ids=["1/32 (floor)", "1/4"],
+)
+def test_periodic_rows_cannot_alias_the_sample(period, sample, drawn):
     """Every period-th row identical: a sample taking every k-th row would see all
-    or none of them; random clusters see their share, within 3 standard errors."""
+    or none of them; random runs see their share, within 3 standard errors."""
     job = job_of(periodic_family(rows=16384, period=period))
+    assert len(sample_rows(job.name, 16384, 64, sample).chosen) == drawn
     exact = stage_summaries(job, 1.0)
     sampled = stage_summaries(job, sample)
     for k, (e, s) in enumerate(zip(exact, sampled)):
