@@ -115,7 +115,8 @@ def _sample_options(function):
         type=float,
         callback=_check_sample,
         help="Fraction F of each tensor's rows to read, as runs of contiguous rows drawn "
-        "at random (at least 30 runs per tensor); estimates come with standard errors. "
+        "at random (no fewer than a floor of runs per tensor); estimates come with "
+        "standard errors. "
         "1 is exact. Speeds up safetensors checkpoints; a pickled .bin tensor is read "
         "whole whatever F.",
     )(function)
@@ -201,7 +202,7 @@ def _write_json(path: Optional[str], report: dict):
 
 @main.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--t", "ts", multiple=True, callback=_check_ts,
+@click.option("--t", "ts", multiple=True, metavar="T", callback=_check_ts,
               help="Threshold(s) to evaluate instead of the recipe's own; repeat for a ladder.")
 @_sample_options
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")
