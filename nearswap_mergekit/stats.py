@@ -128,9 +128,7 @@ class RowReader:
         path = loader.index.tensor_paths[self.name]
         self.path = path if os.path.isabs(path) else os.path.join(loader.index.base_path, path)
         if loader.index.is_safetensors:
-            from safetensors import safe_open
-
-            self.shape = tuple(safe_open(self.path, framework="pt").get_slice(self.name).get_shape())
+            self.shape = tuple(_safetensors_file(self.path).get_slice(self.name).get_shape())
         else:
             self.shape = tuple(_pickled_shard(self.path).index[self.name].shape)
         self._set_shape()
@@ -141,19 +139,21 @@ class RowReader:
 
     def _load(self) -> torch.Tensor:
         if self.path.endswith(".safetensors"):
-            from safetensors import safe_open
-
-            return safe_open(self.path, framework="pt").get_tensor(self.name)
+            return _safetensors_file(self.path).get_tensor(self.name)
         tensor = _pickled_shard(self.path).get_tensor(self.name)
         self._held = tensor.numel() * tensor.element_size()
         Holdings.add(self._held)
         return tensor
 
+    def matrix(self) -> torch.Tensor:
+        """The whole tensor as (rows, row_len), a view of the file where it can be."""
+        if self._tensor is None:
+            self._tensor = self._load().reshape(self.rows, self.row_len)
+        return self._tensor
+
     def read(self, rows: range) -> torch.Tensor:
         """The given contiguous rows as a (rows, row_len) tensor (a view where it can be)."""
-        if self._tensor is None:
-            self._tensor = self._load()
-        return self._tensor.reshape(self.rows, self.row_len)[rows.start : rows.stop]
+        return self.matrix()[rows.start : rows.stop]
 
     def release(self) -> None:
         """Let go of the tensor (read again on the next read)."""
@@ -167,9 +167,23 @@ class TensorRows(RowReader):
 
     def __init__(self, tensor: torch.Tensor):
         self.name, self.path, self.shape = None, None, tuple(tensor.shape)
-        self._tensor, self._held = tensor, tensor.numel() * tensor.element_size()
-        Holdings.add(self._held)
         self._set_shape()
+        self._tensor = tensor.reshape(self.rows, self.row_len)
+        self._held = tensor.numel() * tensor.element_size()
+        Holdings.add(self._held)
+
+    def release(self) -> None:
+        """Stop counting the tensor as held (whoever made this reader drops it)."""
+        Holdings.add(-self._held)
+        self._held = 0
+
+
+@functools.lru_cache(maxsize=64)
+def _safetensors_file(path: str):
+    """One open safetensors file (its header parsed once); tensors map lazily."""
+    from safetensors import safe_open
+
+    return safe_open(path, framework="pt")
 
 
 @functools.lru_cache(maxsize=None)
@@ -266,7 +280,7 @@ CLUSTER_ELEMENTS = 1 << 14
 MIN_CLUSTERS = 1000
 #: At least this many clusters of each tensor are read (all of them, where fewer),
 #: so that estimates rest on enough draws for a normal interval.
-MIN_SAMPLED_CLUSTERS = 64
+MIN_SAMPLED_CLUSTERS = 30
 
 
 @dataclass(frozen=True)
@@ -288,6 +302,19 @@ class RowSample:
     @property
     def exact(self) -> bool:
         return len(self.chosen) == self.clusters
+
+    def batches(self, max_rows: int) -> List[List[range]]:
+        """reads(max_rows) grouped into batches of at most max_rows rows in all, so
+        that many small runs are processed together."""
+        out: List[List[range]] = []
+        size = max_rows
+        for run in self.reads(max_rows):
+            if size + len(run) > max_rows:
+                out.append([])
+                size = 0
+            out[-1].append(run)
+            size += len(run)
+        return out
 
     def reads(self, max_rows: int) -> List[range]:
         """Row ranges to read: chosen clusters, adjacent ones merged up to max_rows."""
@@ -333,6 +360,7 @@ class RowSums:
         self.rows, self.row_len = sample.rows, row_len
         self.exact, self.strata = sample.exact, sample.strata
         self.totals: Dict[str, List[float]] = {key: [] for key in self.FIELDS}
+        self._cached: Dict[str, Tuple[float, float]] = {}
 
     @property
     def n(self) -> int:
@@ -340,13 +368,16 @@ class RowSums:
 
     def add(self, *per_cluster):
         """Add the totals of the next clusters in stratum order, in the order of FIELDS."""
+        self._cached.clear()
         sizes = torch.tensor(self.strata[self.n : self.n + len(per_cluster[0])], dtype=torch.float64)
         for key, value in zip(self.FIELDS, per_cluster):
             self.totals[key].extend((value.to(torch.float64) * sizes).tolist())
 
     def total(self, key):
         """Estimated total over the whole tensor, and its variance."""
-        return math.fsum(self.totals[key]), self._variance(self.totals[key])
+        if key not in self._cached:
+            self._cached[key] = math.fsum(self.totals[key]), self._variance(self.totals[key])
+        return self._cached[key]
 
     def _variance(self, values: Sequence[float]) -> float:
         """Variance of a sum of stratum totals with one draw per stratum, by
@@ -355,7 +386,7 @@ class RowSums:
         n = len(values)
         if self.exact or n < 2:
             return 0.0
-        squares = math.fsum((b - a) ** 2 for a, b in zip(values, values[1:]))
+        squares = math.fsum((b - a) * (b - a) for a, b in zip(values, values[1:]))
         return n / (2 * (n - 1)) * squares
 
     def zero_event_bound(self) -> float:
@@ -426,9 +457,10 @@ def measure(
     def planned_elements(job):  # for the progress bar; aligned tensors may differ a little
         base = job.readers[job.base_model]
         rows = sample_rows(job.name, base.rows, base.row_len, sample, seed)
-        return sum(map(len, rows.reads(1 << 62))) * base.row_len
+        return len(rows.chosen) * rows.cluster_rows * base.row_len
 
-    bar = tqdm(total=sum(map(planned_elements, jobs)), unit="weights", unit_scale=True,
+    planned = {job.name: planned_elements(job) for job in jobs}
+    bar = tqdm(total=sum(planned.values()), unit="weights", unit_scale=True,
                desc="reading", disable=not progress)
     for job in jobs:
         readers = job.open()
@@ -439,11 +471,11 @@ def measure(
         for setting_index, setting in enumerate(settings):
             for k in range(len(models)):
                 results[setting_index][k][job.name] = RowSums(rows, base.row_len)
-        for block in rows.reads(max(1, BLOCK_ELEMENTS // max(base.row_len, 1))):
-            v0, *secondaries = (m.read(block).to(dtype).contiguous() for m in [base, *models])
-            # Each row's cluster, numbered from the block's first (all of them drawn).
-            cluster = torch.arange(block.start, block.stop) // rows.cluster_rows
-            cluster -= block.start // rows.cluster_rows
+        for batch in rows.batches(max(1, BLOCK_ELEMENTS // max(base.row_len, 1))):
+            index = torch.cat([torch.arange(r.start, r.stop) for r in batch])
+            v0, *secondaries = (_gather(m, batch).to(dtype).contiguous() for m in [base, *models])
+            # Each row's cluster, numbered 0, 1, ... in the order the batch holds them.
+            cluster = torch.unique_consecutive(index // rows.cluster_rows, return_inverse=True)[1]
             count = int(cluster[-1]) + 1
             for setting_index, setting in enumerate(settings):
                 ts = [setting(job, k) for k in range(len(models))]
@@ -455,9 +487,17 @@ def measure(
                     results[setting_index][k][job.name].add(*per_cluster)
         for reader in readers.values():
             reader.release()
-        bar.update(planned_elements(job))
+        bar.update(planned[job.name])
     bar.close()
     return results
+
+
+def _gather(reader, runs: List[range]) -> torch.Tensor:
+    """The rows of several runs, one after the other (slices of the memory map)."""
+    if len(runs) == 1:
+        return reader.read(runs[0])
+    matrix = reader.matrix()
+    return torch.cat([matrix[run.start : run.stop] for run in runs])
 
 
 def _promoted(readers) -> torch.dtype:

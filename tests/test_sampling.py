@@ -1,5 +1,5 @@
 """How `stats --sample` picks rows, and whether its standard errors are honest:
-in-process on in-memory tensors (a reader of rows, as stats' own RowReader is)."""
+in-process on in-memory tensors (stats' own reader of rows already in memory)."""
 
 import math
 
@@ -10,23 +10,6 @@ from nearswap_mergekit import nearswap_chain, stats
 from nearswap_mergekit.stats import Stage, TensorJob, measure, recipe_t, sample_rows, summarize
 
 T = 1e-3
-
-
-class MemoryRows:
-    """Rows of an in-memory tensor, read as stats.RowReader reads a file's."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor, self.shape = tensor, tuple(tensor.shape)
-        self.rows, self.row_len = tensor.shape[0], math.prod(tensor.shape[1:])
-        self.reads = 0
-
-    def read(self, rows: range) -> torch.Tensor:
-        assert rows.step == 1
-        self.reads += 1
-        return self.tensor[rows.start : rows.stop].reshape(len(rows), self.row_len)
-
-    def release(self):
-        pass
 
 
 def periodic_family(rows: int, period: int, cols: int = 64, stages: int = 3, seed: int = 0):
@@ -48,7 +31,7 @@ def periodic_family(rows: int, period: int, cols: int = 64, stages: int = 3, see
 
 
 def job_of(models, name="model.layers.0.mlp.up_proj.weight"):
-    readers = {f"m{i}": MemoryRows(m) for i, m in enumerate(models)}
+    readers = {f"m{i}": stats.TensorRows(m) for i, m in enumerate(models)}
     stages = [Stage(f"m{i}", T) for i in range(1, len(models))]
     return TensorJob(name, "m0", stages, torch.float32, True, readers)
 
@@ -64,10 +47,10 @@ KEYS = ("identical_fraction", "full_swap_fraction", "mean_abs_shift")
 @pytest.mark.parametrize("period", [32, 64, 128])
 @pytest.mark.parametrize(
     "sample, drawn",
-    # 16,384 rows make 1,024 runs of 16 rows: 1/32, 1/100 and 1/128 all draw the
-    # floor of 64 runs (1/32 stands for them); 1/4 draws 256.
-    [(1 / 32, stats.MIN_SAMPLED_CLUSTERS), (1 / 4, 256)],
-    ids=["1/32 (floor)", "1/4"],
+    # 16,384 rows make 1,024 runs of 16 rows: 1/32 draws 32 of them; 1/100 and
+    # 1/128 draw the floor of 30 (1/100 stands for both); 1/4 draws 256.
+    [(1 / 32, 32), (1 / 100, stats.MIN_SAMPLED_CLUSTERS), (1 / 4, 256)],
+    ids=["1/32", "1/100 (floor)", "1/4"],
 )
 def test_periodic_rows_cannot_alias_the_sample(period, sample, drawn):
     """Every period-th row identical: a sample taking every k-th row would see all
@@ -91,10 +74,13 @@ def test_sample_reads_runs_of_rows_and_the_share_asked_for():
     assert len(chosen.chosen) == max(stats.MIN_SAMPLED_CLUSTERS, math.ceil(0.05 * chosen.clusters))
     assert len(chosen.chosen) == len(chosen.strata)
     assert sum(chosen.strata) == chosen.clusters
-    measure([job], [recipe_t], 0.05, progress=False)
-    assert job.readers["m0"].reads <= len(chosen.chosen)  # one read per run, or fewer
+    runs = chosen.reads(1 << 30)
+    assert all(len(run) % chosen.cluster_rows == 0 for run in runs)  # whole runs of rows
+    assert sum(map(len, runs)) == len(chosen.chosen) * chosen.cluster_rows
+    assert len(chosen.batches(1024)) == 1  # processed together: 52 runs of 16 rows
     whole = sample_rows(job.name, 16384, 64, 1.0)
     assert whole.exact and whole.reads(1 << 30) == [range(0, 16384)]
+    assert [len(b) for b in whole.batches(4096)] == [1] * 4  # the exact pass: big slices
 
 
 def test_same_seed_same_numbers_other_seed_other_rows():
