@@ -23,6 +23,11 @@ ON_MERGEKIT_015 = MERGEKIT_VERSION.startswith("0.1.5")
 only_mergekit_015 = pytest.mark.skipif(
     not ON_MERGEKIT_015, reason=f"mergekit 0.1.5's in-memory API (this is {MERGEKIT_VERSION})"
 )
+#: For tests of code that does not touch mergekit (the kernels, the C build, the row
+#: sample): the suite runs once per mergekit version, and these need to run once.
+mergekit_independent = pytest.mark.skipif(
+    not ON_MERGEKIT_015, reason="does not use mergekit: run with the mergekit 0.1.5 suite"
+)
 
 #: For code run in a subprocess: registry access that works on mergekit 0.1.4 and 0.1.5.
 REGISTRY_HELPERS = """

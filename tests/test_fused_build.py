@@ -16,10 +16,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import mergekit_independent
 from reference import same_bits
 from test_kernel import SPECIAL_BITS
 
 from nearswap_mergekit import _fused, nearswap_chain
+
+pytestmark = mergekit_independent
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCE = REPO / "nearswap_mergekit" / "_fused.c"

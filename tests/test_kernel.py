@@ -5,10 +5,14 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from conftest import mergekit_independent
 from hypothesis.extra import numpy as hnp
 from reference import card_nearswap, reference_chain, same_bits
 
 from nearswap_mergekit import _fused, nearswap, nearswap_chain
+
+pytestmark = mergekit_independent
+
 
 SPECIAL_BITS = [
     0x00000000, 0x80000000,  # +0, -0

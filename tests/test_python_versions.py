@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from conftest import REPO, mergekit_independent
+
+pytestmark = mergekit_independent
 
 SOURCES = ["nearswap_mergekit", "nearswap_mergekit_hook.py", "tests", "benchmarks"]
 

@@ -5,10 +5,12 @@ import math
 
 import pytest
 import torch
+from conftest import mergekit_independent
 
 from nearswap_mergekit import nearswap_chain, stats
 from nearswap_mergekit.stats import Stage, TensorJob, measure, recipe_t, sample_rows, summarize
 
+pytestmark = mergekit_independent
 T = 1e-3
 
 
