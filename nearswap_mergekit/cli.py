@@ -80,6 +80,12 @@ def demo(workdir: str, recipe_name: str):
 
     if Path(recipe_name).is_file():
         recipe_file, text = Path(recipe_name).name, Path(recipe_name).read_text()
+    elif not recipe_name.startswith("demo-") or recipe_name.endswith("multistage"):
+        raise click.BadParameter(
+            f"{recipe_name!r} is not a one-pass demo recipe; use demo-quartet or "
+            "demo-boreangale (the others need mergekit-multi or real 70B models)",
+            param_hint="--recipe",
+        )
     else:
         try:
             text = recipebook.text(recipe_name)
@@ -190,7 +196,7 @@ def _plan(recipe: str, flags: dict):
 def _percent(stage: dict, key: str, sample: float) -> str:
     value, se = stage[key], stage[key + "_se"]
     if key + "_upper_95" in stage:  # none seen in the sample
-        return f"{100 * value:7.3f}% (< {100 * stage[key + '_upper_95']:.3f})"
+        return f"{100 * value:.3f}% (< {100 * stage[key + '_upper_95']:.3f}%, 95 % bound)"
     return f"{100 * value:7.3f}%" + (f" ± {100 * se:.3f}" if sample < 1 else "")
 
 

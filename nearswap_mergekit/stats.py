@@ -62,7 +62,10 @@ class TensorJob:
             return self.readers
         from mergekit.graph import Executor
 
+        from mergekit.io.tasks import LoaderCache
+
         ((_, aligned),) = Executor([self.vocabulary_task]).run(quiet=True)
+        LoaderCache().flush_all()  # mergekit's loaders keep the last shard open
         return {str(model): TensorRows(tensor) for model, tensor in aligned.items()
                 if str(model) in self.readers}
 
@@ -127,7 +130,8 @@ class RowReader:
             return
         path = loader.index.tensor_paths[self.name]
         self.path = path if os.path.isabs(path) else os.path.join(loader.index.base_path, path)
-        if loader.index.is_safetensors:
+        self.safetensors = loader.index.is_safetensors
+        if self.safetensors:
             self.shape = tuple(_safetensors_file(self.path).get_slice(self.name).get_shape())
         else:
             self.shape = tuple(_pickled_shard(self.path).index[self.name].shape)
@@ -138,7 +142,7 @@ class RowReader:
         self.row_len = math.prod(self.shape[1:]) if len(self.shape) >= 2 else math.prod(self.shape)
 
     def _load(self) -> torch.Tensor:
-        if self.path.endswith(".safetensors"):
+        if self.safetensors:
             return _safetensors_file(self.path).get_tensor(self.name)
         tensor = _pickled_shard(self.path).get_tensor(self.name)
         self._held = tensor.numel() * tensor.element_size()
@@ -207,7 +211,9 @@ def plan(config, options=None) -> List[TensorJob]:
     options = options or MergeOptions()
     config = config.model_copy(deep=True)
     arch_info = get_architecture_info(config, options)
-    LoaderCache().setup(options)
+    # mergekit's own loaders read the vocabulary-aligned tensors: lazily, one
+    # tensor at a time, for .bin files too.
+    LoaderCache().setup(options.model_copy(update={"lazy_unpickle": True}))
     out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
     planned = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     jobs = []
@@ -352,7 +358,7 @@ def sample_rows(name: str, rows: int, row_len: int, sample: float, seed: int = 0
 class RowSums:
     """Per tensor and field, each stratum's estimated total (its drawn cluster's total
     times the stratum's size, in stratum order): enough for estimated totals and
-    their standard errors."""
+    their standard errors. Where every cluster is read, only the sums are kept."""
 
     FIELDS = ("identical", "full", "moved", "shift", "nonfinite")
 
@@ -360,23 +366,26 @@ class RowSums:
         self.rows, self.row_len = sample.rows, row_len
         self.exact, self.strata = sample.exact, sample.strata
         self.totals: Dict[str, List[float]] = {key: [] for key in self.FIELDS}
+        self.sums: Dict[str, float] = dict.fromkeys(self.FIELDS, 0.0)
+        self.n = 0
         self._cached: Dict[str, Tuple[float, float]] = {}
-
-    @property
-    def n(self) -> int:
-        return len(self.totals["full"])
 
     def add(self, *per_cluster):
         """Add the totals of the next clusters in stratum order, in the order of FIELDS."""
         self._cached.clear()
-        sizes = torch.tensor(self.strata[self.n : self.n + len(per_cluster[0])], dtype=torch.float64)
+        count = len(per_cluster[0])
+        sizes = torch.tensor(self.strata[self.n : self.n + count], dtype=torch.float64)
+        self.n += count
         for key, value in zip(self.FIELDS, per_cluster):
-            self.totals[key].extend((value.to(torch.float64) * sizes).tolist())
+            expanded = value.to(torch.float64) * sizes
+            self.sums[key] += expanded.sum().item()
+            if not self.exact:  # the variance needs each stratum's total
+                self.totals[key].extend(expanded.tolist())
 
     def total(self, key):
         """Estimated total over the whole tensor, and its variance."""
         if key not in self._cached:
-            self._cached[key] = math.fsum(self.totals[key]), self._variance(self.totals[key])
+            self._cached[key] = self.sums[key], self._variance(self.totals[key])
         return self._cached[key]
 
     def _variance(self, values: Sequence[float]) -> float:
@@ -411,8 +420,11 @@ def summarize(sums: Sequence[RowSums]) -> Dict[str, float]:
     ):
         totals = [s.total(key) for s in sums]
         value = sum(t for t, _ in totals)
+        # A sampled tensor that showed no event adds its bound's variance, not zero.
+        variance = sum(v if t or s.exact else (s.zero_event_bound() / 1.96) ** 2
+                       for s, (t, v) in zip(sums, totals))
         out[label] = value / elements if elements else 0.0
-        out[label + "_se"] = math.sqrt(sum(v for _, v in totals)) / elements if elements else 0.0
+        out[label + "_se"] = math.sqrt(variance) / elements if elements else 0.0
         if value == 0 and elements and not all(s.exact for s in sums):
             # None seen in the sample is no proof of none: report a bound, and a
             # standard error that puts it 1.96 standard errors above the estimate.

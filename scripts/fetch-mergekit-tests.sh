@@ -12,9 +12,9 @@ dest=$venv/mergekit-tests-$version
 
 work=$(mktemp -d "$venv/.mergekit-tests.XXXXXX")
 trap 'rm -rf "$work"' EXIT
-# --no-binary: the wheel has no tests. pip only reads the sdist's metadata; nothing is
-# built or installed.
-"$py" -m pip download -q --no-deps --no-binary :all: "mergekit==$version" -d "$work/dl"
+# --no-binary: the wheel has no tests. pip reads the sdist's metadata (in a build
+# environment of its own); nothing is installed here.
+"$py" -m pip download -q --no-deps --no-binary mergekit "mergekit==$version" -d "$work/dl"
 "$py" - "$work/dl/mergekit-$version.tar.gz" "mergekit-$version" "$work/out" <<'EOF'
 import sys
 import tarfile

@@ -26,5 +26,3 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q -e ".[test,plot]" "mergekit==$MERGEKIT_VERSION" "${EXTRA[@]}"
     echo "$want" > "$stamp"
 fi
-# mergekit's own tests, from the sdist of the installed version (test_mergekit_upstream.py).
-bash scripts/fetch-mergekit-tests.sh "$VENV"
