@@ -1,6 +1,6 @@
 """What each NearSwap t does to quality, on a real model family trained here.
 
-    .venv/bin/python benchmarks/quality.py            # about 25 min on 2 cores
+    .venv/bin/python benchmarks/quality.py            # about 16 min on 2 cores
     .venv/bin/python benchmarks/quality.py --quick    # the whole pipeline, fewer steps
 
 A small Llama (about 0.85M parameters, byte-level tokenizer) is trained from scratch
@@ -65,7 +65,8 @@ CHILDREN = (
 CARD = ((0.0001, 0.008), (0.0003, 0.02), (0.001, 0.10), (0.0025, 0.18), (0.005, 0.35), (0.01, 0.55))
 ANCESTOR_MIX = {"python": 0.25, "docs": 0.25, "licenses": 0.25, "copyright": 0.25}
 BASE_MIX = {"python": 0.1, "docs": 0.4, "licenses": 0.1, "copyright": 0.4}
-PROMPT = "def read_config(path):\n    "
+#: Licence boilerplate: every model saw it, and a broken one garbles it at once.
+PROMPT = "This program is free software; you can"
 #: Byte-level vocabulary: <s>, </s>, then the 256 bytes (token id = byte + 2).
 SPECIALS = ("<s>", "</s>")
 OFFSET = len(SPECIALS)
@@ -90,7 +91,7 @@ class Sizes:
     ancestor_lr: float = 2e-3
     base_lr: float = 2e-3
     child_lr: float = 5e-4
-    sample_tokens: int = 48
+    sample_tokens: int = 64
 
 
 FULL = Sizes(train_bytes=1_200_000, heldout_bytes=16_384, seq_len=128, batch=16,
@@ -491,7 +492,6 @@ def study(work: Path, sizes: Sizes) -> Dict:
     near_ladder = ladder(work / "near", base, near, corpus, sizes)
     near_others = others(work / "near", base, [base, *near], corpus, sizes)
 
-    import mergekit  # noqa: F401
     from importlib.metadata import version
 
     return {
@@ -544,11 +544,23 @@ def fmt_fractions(fractions: List[float]) -> str:
 
 
 def markdown(report: Dict, wall_s: float, quick: bool) -> str:
-    head = "| model | t | full swap % per stage | " + " | ".join(DOMAINS) + " |"
-    rule = "|---|---:|---|" + "---:|" * len(DOMAINS)
+    head = "| model | t | full swap % per stage | mean | " + " | ".join(DOMAINS) + " |"
+    rule = "|---|---:|---|---:|" + "---:|" * len(DOMAINS)
+    missed = []  # rungs whose target calibrate could not reach
 
-    def row(label, ppl, t="", swap=""):
-        return f"| {label} | {t} | {swap} | " + " | ".join(f"{ppl[d]:.3f}" for d in DOMAINS) + " |"
+    def row(label, ppl, t="", swap="", mean=""):
+        return (f"| {label} | {t} | {swap} | {mean} | "
+                + " | ".join(f"{ppl[d]:.3f}" for d in DOMAINS) + " |")
+
+    def label_of(rung):
+        if rung["card_t"] is None:
+            return "nearswap"
+        target = rung["target_full_swap_fraction"]
+        mark = ""
+        if abs(rung["mean_full_swap_fraction"] - target) > 0.25 * target:
+            mark = " *"
+            missed.append(rung)
+        return f"nearswap, {100 * target:g} %{mark} (card t {rung['card_t']:g})"
 
     def table(models, rungs, extras, ancestor=None):
         lines = [head, rule]
@@ -558,42 +570,78 @@ def markdown(report: Dict, wall_s: float, quick: bool) -> str:
         for child in models["children"]:
             lines.append(row(f"{child['name']} ({child['domain']})", child["perplexity"]))
         for rung in rungs:
-            label = "nearswap" if rung["card_t"] is None else (
-                f"nearswap, {100 * rung['target_full_swap_fraction']:g} % (card t {rung['card_t']:g})")
             swap = " / ".join(f"{100 * f:.2f}" for f in rung["full_swap_fraction"])
-            lines.append(row(label, rung["perplexity"], f"{rung['t']:.4g}", swap))
+            lines.append(row(label_of(rung), rung["perplexity"], f"{rung['t']:.4g}", swap,
+                             f"{100 * rung['mean_full_swap_fraction']:.2f}"))
         for other in extras:
             lines.append(row(other["method"], other["perplexity"]))
+        return "\n".join(lines)
+
+    def samples(family):
+        lines = ["| model | continuation |", "|---|---|"]
+        records = [("base", family["models"]["base"])]
+        records += [(label_of(r) if r["card_t"] else "nearswap, t = 0", r) for r in family["ladder"]]
+        records += [(o["method"], o) for o in family["others"]]
+        for label, record in records:
+            text = json.dumps(record["sample"], ensure_ascii=False)[1:-1].replace("|", "\\|")
+            lines.append(f"| {label.replace(' *', '')} | `{text}` |")
         return "\n".join(lines)
 
     env = report["environment"]
     settings = report["settings"]
     dist = report["distances"]
+    far = table(report["models"], report["ladder"], report["others"], report["models"]["ancestor"])
+    near = table(report["contrast"]["models"], report["contrast"]["ladder"],
+                 report["contrast"]["others"])
+    notes = []
+    if missed:
+        identical = {id(r): r for r in missed}
+        notes.append(
+            "\\* Target not reached: " + "; ".join(
+                f"{100 * r['target_full_swap_fraction']:g} % gave {100 * r['mean_full_swap_fraction']:.2f} %"
+                for r in identical.values())
+            + ". Where the children are fine-tunes of the base, weights the fine-tunes never "
+            "moved (embedding rows of bytes absent from their domain) are identical, so even "
+            "t = 0 swaps that many; calibrate returns the closest t it finds.")
     return "\n".join([
         "# NearSwap quality ladder" + (" (--quick)" if quick else ""),
         "",
         f"Held-out perplexity per byte of a {settings['parameters']:,}-parameter Llama family "
-        f"trained here (`benchmarks/quality.py`; {env['python']}, torch {env['torch']}, "
-        f"mergekit {env['mergekit']}; {wall_s / 60:.1f} min on {os.cpu_count()} cores). "
-        "Rungs: t = 0 and the global t that `calibrate` suggests for each of the card's "
-        "full-swap fractions per pass; full swap % per stage from `stats`.",
+        f"trained here (`benchmarks/quality.py`{' --quick' if quick else ''}; Python {env['python']}, "
+        f"torch {env['torch']}, mergekit {env['mergekit']}; {wall_s / 60:.1f} min on "
+        f"{os.cpu_count()} cores). Rungs: t = 0 and the global t that `calibrate` suggests "
+        "for each of the card's full-swap fractions per pass; full swap % per stage (and "
+        "their mean) from `stats`.",
         "",
-        f"Relative weight distance: base from ancestor {dist['base_from_ancestor']:.3f}; "
-        "children from ancestor " + ", ".join(f"{d:.3f}" for d in dist["children_from_ancestor"])
+        f"Relative weight distance (L2, all weights): base from ancestor "
+        f"{dist['base_from_ancestor']:.3f}; children from ancestor "
+        + ", ".join(f"{d:.3f}" for d in dist["children_from_ancestor"])
         + "; contrast children from base "
         + ", ".join(f"{d:.3f}" for d in dist["contrast_children_from_base"]) + ".",
         "",
-        "## Children of the ancestor (the quartet's shape: base far diverged)",
+        "## Children of the ancestor (the quartet's shape: the base far diverged)",
         "",
-        table(report["models"], report["ladder"], report["others"], report["models"]["ancestor"]),
+        far,
         "",
         "## Contrast: children of the base (close relatives)",
         "",
-        table(report["contrast"]["models"], report["contrast"]["ladder"], report["contrast"]["others"]),
+        near,
         "",
-        f"linear: equal weights over base and the three children; ties: density "
+        *(note + "\n" for note in notes),
+        f"linear: equal weights over the base and the three children; ties: density "
         f"{TIES['density']}, weight {TIES['weight']}, normalize, base_model the ancestor "
-        "(contrast: the base, the children's parent). All merges float32.",
+        "(contrast: the base, the children's parent, with the three children). "
+        "All merges float32, through mergekit's `run_merge`.",
+        "",
+        f"## Greedy continuations of `{json.dumps(PROMPT)[1:-1]}`",
+        "",
+        "Children of the ancestor:",
+        "",
+        samples(report),
+        "",
+        "Contrast:",
+        "",
+        samples(report["contrast"]),
         "",
     ])
 
@@ -636,6 +684,8 @@ def plot(report: Dict, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.2)
     # After both panels: set_yscale on a shared axis resets its formatters.
     low, high = axes[0].get_ylim()
+    high *= 1.35  # room above the data for the card's labels
+    axes[0].set_ylim(low, high)
     nice = [m * 10**e for e in range(0, 4) for m in (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8)]
     axes[0].yaxis.set_major_locator(matplotlib.ticker.FixedLocator([v for v in nice if low <= v <= high]))
     axes[0].yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
