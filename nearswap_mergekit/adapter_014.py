@@ -15,7 +15,13 @@ from mergekit.common import ImmutableMap, ModelReference
 from mergekit.graph import Task
 from mergekit.merge_methods.base import ConfigParameterDef, MergeMethod, MergeTensorInput
 from nearswap_mergekit.kernel import nearswap_chain
-from nearswap_mergekit.spec import METHOD_NAME, PRETTY_NAME, REFERENCE_URL, parse_threshold
+from nearswap_mergekit.spec import (
+    METHOD_NAME,
+    PRETTY_NAME,
+    REFERENCE_URL,
+    T_SOURCE_UNKNOWN,
+    parse_threshold,
+)
 
 
 class NearSwapChainTask(Task[torch.Tensor]):
@@ -113,8 +119,8 @@ def _threshold(value: Any, model: ModelReference, tensor: str) -> float:
     except ValueError as error:
         # mergekit 0.1.4 hands over the resolved value, not where it was set.
         raise ValueError(
-            f"{error} (for model {model}, tensor {tensor}; it comes from the global "
-            "`parameters:` or from that model's own). Fix `t` where it is set"
+            f"{error} (for model {model}, tensor {tensor}; {T_SOURCE_UNKNOWN}). "
+            "Fix `t` where it is set"
         ) from None
 
 

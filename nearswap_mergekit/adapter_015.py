@@ -18,7 +18,13 @@ from mergekit.merge_methods.base import (
 )
 from mergekit.merge_methods.easy_define import merge_method
 from nearswap_mergekit.kernel import nearswap_chain
-from nearswap_mergekit.spec import METHOD_NAME, PRETTY_NAME, REFERENCE_URL, parse_threshold
+from nearswap_mergekit.spec import (
+    METHOD_NAME,
+    PRETTY_NAME,
+    REFERENCE_URL,
+    T_SOURCE_UNKNOWN,
+    parse_threshold,
+)
 
 
 def _parse_t(value) -> float:
@@ -53,10 +59,7 @@ def _where() -> str:
             target = f"model {model}, tensor {tensor}" if model is not None else f"tensor {tensor}"
             return f" (for {target}; set in {source}). Fix `t` there"
         frame = frame.f_back
-    return (
-        " (it comes from the global `parameters:` or from that model's own). "
-        "Fix `t` where it is set"
-    )
+    return f" ({T_SOURCE_UNKNOWN}). Fix `t` where it is set"
 
 
 #: A stage threshold: a finite float >= 0 (YAML's `1e-4` strings are parsed as numbers).

@@ -12,6 +12,8 @@ import numbers
 METHOD_NAME = "nearswap_chain"
 PRETTY_NAME = "NearSwap chain"
 REFERENCE_URL = "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"
+#: Where a bad t may have been set, when mergekit does not say which.
+T_SOURCE_UNKNOWN = "it comes from the global `parameters:` or from that model's own"
 
 
 def check_threshold(t, what: str = "t") -> float:
