@@ -10,8 +10,10 @@ arithmetic as the merge, stage by stage.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import os
+import random
 import re
 import time
 import zlib
@@ -24,6 +26,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from nearswap_mergekit._fused import fused_available
 from nearswap_mergekit.kernel import chain_with_row_stats
 from nearswap_mergekit.registration import register
 from nearswap_mergekit.spec import METHOD_NAME
@@ -131,6 +134,8 @@ class RowReader:
         path = loader.index.tensor_paths[self.name]
         self.path = path if os.path.isabs(path) else os.path.join(loader.index.base_path, path)
         self.safetensors = loader.index.is_safetensors
+        # Rows of a memory-mapped tensor can be read at any time without holding it.
+        self.mapped = self.safetensors
         if self.safetensors:
             self.shape = tuple(_safetensors_file(self.path).get_slice(self.name).get_shape())
         else:
@@ -155,10 +160,6 @@ class RowReader:
             self._tensor = self._load().reshape(self.rows, self.row_len)
         return self._tensor
 
-    def read(self, rows: range) -> torch.Tensor:
-        """The given contiguous rows as a (rows, row_len) tensor (a view where it can be)."""
-        return self.matrix()[rows.start : rows.stop]
-
     def release(self) -> None:
         """Let go of the tensor (read again on the next read)."""
         self._tensor = None
@@ -171,6 +172,7 @@ class TensorRows(RowReader):
 
     def __init__(self, tensor: torch.Tensor):
         self.name, self.path, self.shape = None, None, tuple(tensor.shape)
+        self.mapped = True
         self._set_shape()
         self._tensor = tensor.reshape(self.rows, self.row_len)
         self._held = tensor.numel() * tensor.element_size()
@@ -309,31 +311,12 @@ class RowSample:
     def exact(self) -> bool:
         return len(self.chosen) == self.clusters
 
-    def batches(self, max_rows: int) -> List[List[range]]:
-        """reads(max_rows) grouped into batches of at most max_rows rows in all, so
-        that many small runs are processed together."""
-        out: List[List[range]] = []
-        size = max_rows
-        for run in self.reads(max_rows):
-            if size + len(run) > max_rows:
-                out.append([])
-                size = 0
-            out[-1].append(run)
-            size += len(run)
-        return out
-
-    def reads(self, max_rows: int) -> List[range]:
-        """Row ranges to read: chosen clusters, adjacent ones merged up to max_rows."""
-        out: List[range] = []
-        for cluster in self.chosen:
-            start = cluster * self.cluster_rows
-            stop = min(start + self.cluster_rows, self.rows)
-            last = out[-1] if out else None
-            if last is not None and last.stop == start and stop - last.start <= max_rows:
-                out[-1] = range(last.start, stop)
-            else:
-                out.append(range(start, stop))
-        return out
+    @property
+    def rows_read(self) -> int:
+        if self.exact:
+            return self.rows
+        size = self.cluster_rows
+        return sum(min(size, self.rows - cluster * size) for cluster in self.chosen)
 
 
 def sample_rows(name: str, rows: int, row_len: int, sample: float, seed: int = 0) -> RowSample:
@@ -348,55 +331,46 @@ def sample_rows(name: str, rows: int, row_len: int, sample: float, seed: int = 0
     if wanted >= clusters:
         return RowSample(rows, cluster_rows, tuple(range(clusters)), (1,) * clusters)
     bounds = [h * clusters // wanted for h in range(wanted + 1)]
-    sizes = [high - low for low, high in zip(bounds, bounds[1:])]
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-    draws = torch.rand(wanted, generator=generator, dtype=torch.float64).tolist()
-    chosen = tuple(low + min(int(u * size), size - 1) for low, size, u in zip(bounds, sizes, draws))
-    return RowSample(rows, cluster_rows, chosen, tuple(sizes))
+    # Python's Mersenne Twister gives the same draws for a seed on every platform.
+    draw = random.Random(zlib.crc32(f"{seed}:{name}".encode())).random
+    chosen, strata = [], []
+    for low, high in zip(bounds, bounds[1:]):
+        chosen.append(low + min(int(draw() * (high - low)), high - low - 1))
+        strata.append(high - low)
+    return RowSample(rows, cluster_rows, tuple(chosen), tuple(strata))
 
 
 class RowSums:
-    """Per tensor and field, each stratum's estimated total (its drawn cluster's total
-    times the stratum's size, in stratum order): enough for estimated totals and
-    their standard errors. Where every cluster is read, only the sums are kept."""
+    """One tensor's counts at one stage: the sums over the rows read, and, where
+    rows were sampled, each stratum's estimated total (its drawn cluster's total
+    times the stratum's size), from which totals and standard errors follow."""
 
     FIELDS = ("identical", "full", "moved", "shift", "nonfinite")
 
-    def __init__(self, sample: RowSample, row_len: int):
+    def __init__(self, sample: RowSample, row_len: int, sums: Sequence[float],
+                 strata_totals: Optional[torch.Tensor] = None):
+        """sums: estimated totals in the order of FIELDS; strata_totals: a
+        (len(FIELDS), strata) float64 tensor, for a sample (None when exact)."""
         self.rows, self.row_len = sample.rows, row_len
-        self.exact, self.strata = sample.exact, sample.strata
-        self.totals: Dict[str, List[float]] = {key: [] for key in self.FIELDS}
-        self.sums: Dict[str, float] = dict.fromkeys(self.FIELDS, 0.0)
-        self.n = 0
+        self.exact, self.n = sample.exact, len(sample.chosen)
+        self.sums = dict(zip(self.FIELDS, sums))
+        self.strata_totals = strata_totals
         self._cached: Dict[str, Tuple[float, float]] = {}
-
-    def add(self, *per_cluster):
-        """Add the totals of the next clusters in stratum order, in the order of FIELDS."""
-        self._cached.clear()
-        count = len(per_cluster[0])
-        sizes = torch.tensor(self.strata[self.n : self.n + count], dtype=torch.float64)
-        self.n += count
-        for key, value in zip(self.FIELDS, per_cluster):
-            expanded = value.to(torch.float64) * sizes
-            self.sums[key] += expanded.sum().item()
-            if not self.exact:  # the variance needs each stratum's total
-                self.totals[key].extend(expanded.tolist())
 
     def total(self, key):
         """Estimated total over the whole tensor, and its variance."""
         if key not in self._cached:
-            self._cached[key] = self.sums[key], self._variance(self.totals[key])
+            values = None if self.exact else self.strata_totals[self.FIELDS.index(key)]
+            self._cached[key] = self.sums[key], self._variance(values)
         return self._cached[key]
 
-    def _variance(self, values: Sequence[float]) -> float:
+    def _variance(self, values: Optional[torch.Tensor]) -> float:
         """Variance of a sum of stratum totals with one draw per stratum, by
         successive differences between neighbouring strata (conservative where
         neighbours are alike); zero when every cluster was read."""
-        n = len(values)
-        if self.exact or n < 2:
+        if self.exact or self.n < 2:
             return 0.0
-        squares = math.fsum((b - a) * (b - a) for a, b in zip(values, values[1:]))
-        return n / (2 * (n - 1)) * squares
+        return self.n / (2 * (self.n - 1)) * float(values.diff().square().sum())
 
     def zero_event_bound(self) -> float:
         """A conservative 95 % upper bound on the number of elements with an event
@@ -406,8 +380,10 @@ class RowSums:
 
     def ratio_terms(self, ratio):
         """Variance of total(shift) - ratio * total(moved), for the ratio estimate's SE."""
-        z = [s - ratio * c for s, c in zip(self.totals["shift"], self.totals["moved"])]
-        return self._variance(z)
+        if self.exact:
+            return 0.0
+        shift, moved = (self.strata_totals[self.FIELDS.index(k)] for k in ("shift", "moved"))
+        return self._variance(shift - ratio * moved)
 
 
 def summarize(sums: Sequence[RowSums]) -> Dict[str, float]:
@@ -466,56 +442,191 @@ def measure(
     stages = max(len(job.stages) for job in jobs) if jobs else 0
     results = [[{} for _ in range(stages)] for _ in settings]
 
-    def planned_elements(job):  # for the progress bar; aligned tensors may differ a little
-        base = job.readers[job.base_model]
-        rows = sample_rows(job.name, base.rows, base.row_len, sample, seed)
-        return len(rows.chosen) * rows.cluster_rows * base.row_len
-
-    planned = {job.name: planned_elements(job) for job in jobs}
-    bar = tqdm(total=sum(planned.values()), unit="weights", unit_scale=True,
-               desc="reading", disable=not progress)
-    for job in jobs:
-        readers = job.open()
+    def draw(job, readers) -> RowSample:
         base = readers[job.base_model]
-        models = [readers[stage.model] for stage in job.stages[:stages_limit]]
-        dtype = job.dtype or _promoted([base, *models])
-        rows = sample_rows(job.name, base.rows, base.row_len, sample, seed)
-        for setting_index, setting in enumerate(settings):
-            for k in range(len(models)):
-                results[setting_index][k][job.name] = RowSums(rows, base.row_len)
-        for batch in rows.batches(max(1, BLOCK_ELEMENTS // max(base.row_len, 1))):
-            index = torch.cat([torch.arange(r.start, r.stop) for r in batch])
-            v0, *secondaries = (_gather(m, batch).to(dtype).contiguous() for m in [base, *models])
-            # Each row's cluster, numbered 0, 1, ... in the order the batch holds them.
-            cluster = torch.unique_consecutive(index // rows.cluster_rows, return_inverse=True)[1]
-            count = int(cluster[-1]) + 1
-            for setting_index, setting in enumerate(settings):
-                ts = [setting(job, k) for k in range(len(models))]
-                stats = chain_with_row_stats(v0, secondaries, ts, round_stages=job.round_stages)
-                for k in range(len(models)):
-                    per_cluster = [
-                        torch.zeros(count, dtype=x.dtype).index_add_(0, cluster, x[k]) for x in stats
-                    ]
-                    results[setting_index][k][job.name].add(*per_cluster)
+        return _sample_rows(job.name, base.rows, base.row_len, sample, seed)
+
+    planned = sum(draw(job, job.readers).rows_read * job.readers[job.base_model].row_len
+                  for job in jobs)
+    bar = tqdm(total=planned, unit="weights", unit_scale=True, desc="reading",
+               disable=not progress)
+    # Tensors whose rows stay readable without being held (memory-mapped, or in
+    # memory) are read together, many per kernel call, where their rows have the
+    # same length and their arithmetic is the same: a sample of a few hundred
+    # tensors then costs a few calls, not a few per tensor. The others (.bin
+    # tensors, which are loaded whole; vocabulary-aligned ones, which mergekit
+    # builds) are read one at a time and let go.
+    groups: Dict[tuple, List[TensorJob]] = defaultdict(list)
+    alone = []
+    for job in jobs:
+        if job.vocabulary_task is None and all(r.mapped for r in job.readers.values()):
+            groups[_arithmetic(job, job.readers, settings, stages_limit)].append(job)
+        else:
+            alone.append(job)
+    for key, members in groups.items():
+        _read_together([(job, job.readers) for job in members], key, settings, draw, results, bar)
+    for job in alone:
+        readers = job.open()
+        key = _arithmetic(job, readers, settings, stages_limit)
+        _read_together([(job, readers)], key, settings, draw, results, bar)
         for reader in readers.values():
             reader.release()
-        bar.update(planned[job.name])
     bar.close()
     return results
 
 
-def _gather(reader, runs: List[range]) -> torch.Tensor:
-    """The rows of several runs, one after the other (slices of the memory map)."""
-    if len(runs) == 1:
-        return reader.read(runs[0])
-    matrix = reader.matrix()
-    return torch.cat([matrix[run.start : run.stop] for run in runs])
+def _arithmetic(job, readers, settings, stages_limit) -> tuple:
+    """What must be the same for tensors to share a kernel call: row length, the
+    dtype computed in, rounding, and each stage's t under each setting."""
+    count = len(job.stages[:stages_limit])
+    base = readers[job.base_model]
+    dtype = job.dtype or _promoted([base, *(readers[s.model] for s in job.stages[:count])])
+    ts = tuple(tuple(setting(job, k) for k in range(count)) for setting in settings)
+    return base.row_len, dtype, job.round_stages, count, ts
+
+
+@dataclass
+class _Part:
+    """One tensor in a shared read: its readers (base first), its sample, and
+    its cells in the accumulators (one per drawn cluster; one if read whole)."""
+
+    job: TensorJob
+    models: List[RowReader]
+    sample: RowSample
+    first_cell: int
+    cells: int
+    #: The rows to read and each one's cell; None where the tensor is read whole.
+    index: Optional[torch.Tensor] = None
+    cell: Optional[torch.Tensor] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _gather_pool():
+    from concurrent.futures import ThreadPoolExecutor
+    return ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="nearswap-read")
+
+
+_sample_rows = functools.lru_cache(maxsize=4096)(sample_rows)
+
+
+def _index_rows(parts: List["_Part"]) -> None:
+    """Set each sampled part's rows to read and their cells, for all parts at once
+    (a few tensor operations rather than a few per tensor)."""
+    if not parts:
+        return
+    starts, lengths, cells, counts = [], [], [], []
+    for part in parts:
+        size, rows = part.sample.cluster_rows, part.sample.rows
+        for number, cluster in enumerate(part.sample.chosen):
+            starts.append(cluster * size)
+            lengths.append(min(size, rows - cluster * size))  # the last may be shorter
+            cells.append(part.first_cell + number)
+        counts.append(sum(lengths[len(lengths) - len(part.sample.chosen):]))
+    lengths = torch.tensor(lengths)
+    before = lengths.cumsum(0) - lengths  # rows read before each cluster
+    index = torch.arange(int(lengths.sum())) + torch.repeat_interleave(
+        torch.tensor(starts) - before, lengths)
+    cell = torch.repeat_interleave(torch.tensor(cells), lengths)
+    for part, rows, their_cells in zip(parts, index.split(counts), cell.split(counts)):
+        part.index, part.cell = rows, their_cells
+
+
+def _read_together(members, key, settings, draw, results, bar) -> None:
+    """Run the chain over the rows of several tensors of the same arithmetic,
+    accumulating per-cluster counts (a sample) or per-tensor sums (an exact read)."""
+    row_len, dtype, round_stages, count, ts = key
+    parts: List[_Part] = []
+    cells = 0
+    for job, readers in members:
+        base = readers[job.base_model]
+        models = [base, *(readers[s.model] for s in job.stages[:count])]
+        rows = draw(job, readers)
+        size = 1 if rows.exact else len(rows.chosen)
+        parts.append(_Part(job, models, rows, cells, size))
+        cells += size
+    _index_rows([part for part in parts if not part.sample.exact])
+    fields = len(RowSums.FIELDS)
+    # Counts are whole numbers far below 2**53: float64 holds them exactly.
+    totals = torch.zeros((len(settings), fields, count, cells), dtype=torch.float64)
+
+    @functools.lru_cache(maxsize=None)
+    def scratch(position, kind):
+        # One buffer per input, reused: a new one each block costs page faults.
+        return torch.empty((block_rows, row_len), dtype=kind)
+
+    def run(pieces):
+        """The chain over pieces (part, first row, end row) read as one block."""
+        if len(pieces) == 1 and pieces[0][0].index is None:  # views of the file
+            part, low, high = pieces[0]
+            blocks = [model.matrix()[low:high] for model in part.models]
+            cell = torch.full((high - low,), part.first_cell)
+        else:  # rows gathered straight into one block per model
+            rows = [part.index[low:high] if part.index is not None
+                    else torch.arange(low, high) for part, low, high in pieces]
+            ends = list(itertools.accumulate(len(r) for r in rows))
+            def gather(position):
+                sources = [part.models[position].matrix() for part, _, _ in pieces]
+                block = scratch(position, sources[0].dtype)[: ends[-1]]
+                for source, index, start, end in zip(sources, rows, [0, *ends], ends):
+                    if source.dtype == block.dtype:
+                        torch.index_select(source, 0, index, out=block[start:end])
+                    else:
+                        block[start:end] = source.index_select(0, index)
+                return block
+
+            blocks = list(_gather_pool().map(gather, range(count + 1)))
+            cell = torch.cat([part.cell[low:high] if part.cell is not None
+                              else torch.full((high - low,), part.first_cell)
+                              for part, low, high in pieces])
+        v0, *secondaries = (block.to(dtype).contiguous() for block in blocks)
+        for index, thresholds in enumerate(ts):
+            counted = chain_with_row_stats(v0, secondaries, thresholds, round_stages=round_stages)
+            for field_index, values in enumerate(counted):
+                totals[index, field_index].index_add_(1, cell, values.to(torch.float64))
+        bar.update(v0.numel())
+
+    # A large tensor read whole is run in blocks of its own rows, views of the file
+    # (no copy); sampled rows, and small tensors, are gathered into shared blocks.
+    block_rows = max(1, BLOCK_ELEMENTS // max(row_len, 1))
+    shared, shared_rows = [], 0
+    for part in parts:
+        rows = part.sample.rows if part.index is None else len(part.index)
+        if part.index is None and rows * 4 >= block_rows:
+            for low in range(0, rows, block_rows):
+                run([(part, low, min(low + block_rows, rows))])
+            continue
+        low = 0
+        while low < rows:
+            high = min(rows, low + block_rows - shared_rows)
+            shared.append((part, low, high))
+            shared_rows += high - low
+            low = high
+            if shared_rows == block_rows:
+                run(shared)
+                shared, shared_rows = [], 0
+    if shared:
+        run(shared)
+
+    # Per cell, its stratum's size: a drawn cluster stands for its stratum.
+    sizes = torch.cat([torch.ones(1, dtype=torch.float64) if part.index is None
+                       else torch.tensor(part.sample.strata, dtype=torch.float64) for part in parts])
+    owner = torch.repeat_interleave(torch.tensor([part.cells for part in parts]))
+    for index in range(len(settings)):
+        expanded = totals[index] * sizes
+        sums = torch.zeros((fields, count, len(parts)), dtype=torch.float64)
+        sums = sums.index_add_(2, owner, expanded).tolist()
+        for number, part in enumerate(parts):
+            for k in range(count):
+                strata = None if part.index is None else expanded[:, k, part.first_cell : part.first_cell + part.cells]
+                results[index][k][part.job.name] = RowSums(
+                    part.sample, row_len, [sums[f][k][number] for f in range(fields)], strata
+                )
 
 
 def _promoted(readers) -> torch.dtype:
     dtype = None
     for reader in readers:
-        current = reader.read(range(0, 1)).dtype
+        current = reader.matrix().dtype
         dtype = current if dtype is None else torch.promote_types(dtype, current)
     return dtype
 
@@ -556,6 +667,7 @@ def stats_report(recipe: str, jobs, ts: Sequence[Optional[float]], sample: float
                  seed: int = 0):
     """The `stats` report: for each t (None: the recipe's own), every stage."""
     settings = [recipe_t if t is None else (lambda job, k, t=t: t) for t in ts]
+    fused_available()  # load (or build) the kernel first: that is not reading
     started = time.perf_counter()
     Holdings.peak = Holdings.held
     measured = measure(jobs, settings, sample, progress, seed=seed)

@@ -50,9 +50,10 @@ KEYS = ("identical_fraction", "full_swap_fraction", "mean_abs_shift")
 @pytest.mark.parametrize(
     "sample, drawn",
     # 16,384 rows make 1,024 runs of 16 rows: 1/32 draws 32 of them; 1/100 and
-    # 1/128 draw the floor of 30 (1/100 stands for both); 1/4 draws 256.
-    [(1 / 32, 32), (1 / 100, stats.MIN_SAMPLED_CLUSTERS), (1 / 4, 256)],
-    ids=["1/32", "1/100 (floor)", "1/4"],
+    # 1/128 draw the floor of 30; 1/4 draws 256.
+    [(1 / 32, 32), (1 / 100, stats.MIN_SAMPLED_CLUSTERS), (1 / 128, stats.MIN_SAMPLED_CLUSTERS),
+     (1 / 4, 256)],
+    ids=["1/32", "1/100 (floor)", "1/128 (floor)", "1/4"],
 )
 def test_periodic_rows_cannot_alias_the_sample(period, sample, drawn):
     """Every period-th row identical: a sample taking every k-th row would see all
@@ -70,19 +71,46 @@ def test_periodic_rows_cannot_alias_the_sample(period, sample, drawn):
 
 
 def test_sample_reads_runs_of_rows_and_the_share_asked_for():
-    job = job_of(periodic_family(rows=16384, period=128, stages=1))
-    chosen = sample_rows(job.name, 16384, 64, 0.05)
+    chosen = sample_rows("model.layers.0.mlp.up_proj.weight", 16384, 64, 0.05)
     assert not chosen.exact and chosen.cluster_rows == 16
     assert len(chosen.chosen) == max(stats.MIN_SAMPLED_CLUSTERS, math.ceil(0.05 * chosen.clusters))
     assert len(chosen.chosen) == len(chosen.strata)
     assert sum(chosen.strata) == chosen.clusters
-    runs = chosen.reads(1 << 30)
-    assert all(len(run) % chosen.cluster_rows == 0 for run in runs)  # whole runs of rows
-    assert sum(map(len, runs)) == len(chosen.chosen) * chosen.cluster_rows
-    assert len(chosen.batches(1024)) == 1  # processed together: 52 runs of 16 rows
-    whole = sample_rows(job.name, 16384, 64, 1.0)
-    assert whole.exact and whole.reads(1 << 30) == [range(0, 16384)]
-    assert [len(b) for b in whole.batches(4096)] == [1] * 4  # the exact pass: big slices
+    assert chosen.rows_read == len(chosen.chosen) * chosen.cluster_rows  # whole runs of rows
+    assert sample_rows("x", 16384, 64, 1.0).exact
+
+
+def test_a_shorter_last_run_is_read_as_far_as_the_tensor_goes():
+    """16,390 rows in runs of 16: the last run holds 6 rows. Read whole, every row
+    counts once; drawn, it is read to the tensor's end and no further."""
+    rows = 16390
+    models = periodic_family(rows=rows, period=64, stages=1)
+    job = job_of(models)
+    (exact,) = stage_summaries(job, 1.0)
+    assert exact["elements"] == models[0].numel()
+    assert exact["identical_fraction"] * exact["elements"] == (models[0] == models[1]).sum()
+    seed = next(seed for seed in range(1000)
+                if sample_rows(job.name, rows, 64, 1 / 32, seed).chosen[-1] == 1024)
+    drawn = sample_rows(job.name, rows, 64, 1 / 32, seed)
+    assert drawn.cluster_rows == 16 and drawn.clusters == 1025
+    assert drawn.rows_read == (len(drawn.chosen) - 1) * 16 + 6
+    (sampled,) = stage_summaries(job, 1 / 32, seed=seed)
+    assert abs(sampled["identical_fraction"] - 1 / 64) <= 3 * sampled["identical_fraction_se"]
+
+
+def test_samples_of_many_tensors_are_read_together_and_give_each_its_own_numbers():
+    """Tensors of one row length share kernel calls; each tensor's numbers are the
+    ones it gives when measured alone."""
+    families = [periodic_family(rows=4096 + 512 * i, period=32 * (i + 1), stages=2, seed=i)
+                for i in range(3)]
+    jobs = [job_of(models, name=f"model.layers.{i}.mlp.up_proj.weight")
+            for i, models in enumerate(families)]
+    for sample in (1.0, 0.05):
+        (together,) = measure(jobs, [recipe_t], sample, progress=False)
+        for job in jobs:
+            (alone,) = measure([job], [recipe_t], sample, progress=False)
+            for stage_together, stage_alone in zip(together, alone):
+                assert summarize([stage_together[job.name]]) == summarize([stage_alone[job.name]])
 
 
 def test_same_seed_same_numbers_other_seed_other_rows():
