@@ -105,22 +105,26 @@ def kernel_benchmark(repeats: int, rows: int = 8192, cols: int = 28672):
 
 
 def benchmark_spec(params: float) -> TinyLlama:
-    hidden, intermediate = 1536, 4096
-    per_layer = 2 * hidden * hidden + 2 * hidden * 384 + 3 * hidden * intermediate
+    """Layers of Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, 8 KV heads),
+    as many as make about `params` parameters: tensors of the size a user merges
+    (a 70B's are 8192 x 28672 at most), so per-tensor costs weigh as they do there."""
+    hidden, intermediate, heads, kv_heads = 4096, 11008, 32, 8
+    kv = hidden // heads * kv_heads
+    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate
     layers = max(1, round(params / per_layer))
     return TinyLlama(
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=4,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
         dtype=torch.bfloat16,
     )
 
 
 def make_checkpoints(work: Path, params: float) -> dict:
     spec = benchmark_spec(params)
-    models = work / f"models-{spec.num_hidden_layers}L"
+    models = work / f"models-{spec.hidden_size}h-{spec.num_hidden_layers}L"
     if not all((models / name / "model.safetensors").exists() for name in QUARTET):
         click.echo(f"generating four {params / 1e9:.2f}B-parameter checkpoints in {models}")
         build_family(models, QUARTET, spec)
@@ -298,6 +302,8 @@ def goals(report: dict) -> list:
         rows += [
             ("from disk: (a-flags) / raw floor wall <= 1.15",
              disk["a-flags"]["wall_s"] / disk["raw"]["wall_s"], 1.15, False),
+            ("from disk: (a-flags) / floor (cold start-up + raw I/O) wall <= 1.15",
+             disk["a-flags"]["wall_s"] / (disk["start"]["wall_s"] + disk["raw"]["wall_s"]), 1.15, False),
             ("from disk: staged stock / (a-flags) wall >= 2", disk["staged"]["wall_s"] / disk["a-flags"]["wall_s"], 2, True),
         ]
     return [
@@ -352,7 +358,8 @@ def from_disk(work: Path, params: float) -> dict:
     plans = recipes(paths)
     (work / "recipe-a.yml").write_text(yaml.safe_dump_all(plans["a"], sort_keys=False))
     results = {"input_gb": input_gb}
-    for key in ("raw", "a-flags", "staged"):
+    # start-up from a cold cache too: dropping the cache evicts Python's own files.
+    for key in ("start", "raw", "a", "a-flags", "staged"):
         results["cache"] = drop_page_cache(work)
         if key == "staged":
             run = staged_stock_from_disk(paths, work)
@@ -407,14 +414,17 @@ def disk_markdown(report: dict) -> str:
         f"({disk['input_gb']:.1f} GB of input), page cache dropped ({disk['cache']}) before "
         "each contender, run once.",
         "",
-        "| contender | wall s | GB/s of input | peak RSS MB | wall / raw floor |",
-        "|---|---:|---:|---:|---:|",
+        "| contender | wall s | GB/s of input | peak RSS MB | wall / raw I/O | wall / (start-up + raw I/O) |",
+        "|---|---:|---:|---:|---:|---:|",
     ]
-    for key, label in (("raw", CONTENDERS["raw"]), ("a-flags", CONTENDERS["a-flags"]),
+    floor = disk["start"]["wall_s"] + disk["raw"]["wall_s"]
+    for key, label in (("start", CONTENDERS["start"]), ("raw", CONTENDERS["raw"]),
+                       ("a", CONTENDERS["a"]), ("a-flags", CONTENDERS["a-flags"]),
                        ("staged", "stock nearswap, 3 mergekit-yaml stages, float32 intermediates")):
         row = disk[key]
         lines.append(f"| {label} | {row['wall_s']:.1f} | {row['gb_per_s']:.2f} | "
-                     f"{row['peak_rss_mb']:.0f} | {row['wall_s'] / disk['raw']['wall_s']:.2f}x |")
+                     f"{row['peak_rss_mb']:.0f} | {row['wall_s'] / disk['raw']['wall_s']:.2f}x | "
+                     f"{row['wall_s'] / floor:.2f}x |")
     lines += [
         "",
         f"**Estimated wall time of configs/quartet.yml on 4 x 70B** (float16, {SEVENTY_B_GB:.0f} GB "
