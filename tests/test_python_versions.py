@@ -22,3 +22,12 @@ def test_no_call_newer_than_requires_python():
          *SOURCES], cwd=REPO, capture_output=True, text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_no_script_shadows_a_standard_module():
+    """A script's folder comes first on sys.path: benchmarks/profile.py once hid the
+    standard `profile` module from everything the quality study imports."""
+    scripts = [p for folder in ("benchmarks", "tests", "scripts") for p in (REPO / folder).glob("*.py")]
+    assert scripts
+    shadowing = sorted(p.name for p in scripts if p.stem in sys.stdlib_module_names)
+    assert not shadowing, f"rename these: they shadow standard modules: {shadowing}"

@@ -2,7 +2,7 @@
 stock CLI merging the benchmark quartet with the recommended flags, main thread's
 wall time (idle included) by what it is doing.
 
-    .venv/bin/python benchmarks/profile.py   # after benchmarks/run.py made the checkpoints
+    .venv/bin/python benchmarks/profile_merge.py   # after benchmarks/run.py made the checkpoints
 
 Writes benchmarks/results/profile.md. Needs py-spy (`pip install py-spy`).
 """
