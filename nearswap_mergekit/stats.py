@@ -514,14 +514,14 @@ def _index_rows(parts: List["_Part"]) -> None:
     (a few tensor operations rather than a few per tensor)."""
     if not parts:
         return
-    starts, lengths, cells, counts = [], [], [], []
+    starts, lengths, cells = [], [], []
     for part in parts:
         size, rows = part.sample.cluster_rows, part.sample.rows
         for number, cluster in enumerate(part.sample.chosen):
             starts.append(cluster * size)
             lengths.append(min(size, rows - cluster * size))  # the last may be shorter
             cells.append(part.first_cell + number)
-        counts.append(sum(lengths[len(lengths) - len(part.sample.chosen):]))
+    counts = [part.sample.rows_read for part in parts]
     lengths = torch.tensor(lengths)
     before = lengths.cumsum(0) - lengths  # rows read before each cluster
     index = torch.arange(int(lengths.sum())) + torch.repeat_interleave(
@@ -590,7 +590,7 @@ def _read_together(members, key, settings, draw, results, bar) -> None:
     block_rows = max(1, BLOCK_ELEMENTS // max(row_len, 1))
     shared, shared_rows = [], 0
     for part in parts:
-        rows = part.sample.rows if part.index is None else len(part.index)
+        rows = part.sample.rows_read
         if part.index is None and rows * 4 >= block_rows:
             for low in range(0, rows, block_rows):
                 run([(part, low, min(low + block_rows, rows))])
