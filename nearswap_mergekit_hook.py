@@ -2,13 +2,15 @@
 
 mergekit has no plugin entry points, so this module (run from a .pth or PEP 829
 .start file) puts one cheap finder on sys.meta_path. It ignores every import
-except the package ``mergekit.merge_methods``; right after that package (and
-with it the registry) has first been imported, it registers every method that
-an installed package declares under the entry-point group
-``mergekit.merge_methods``. Waiting for the whole package, not just its
-registry module, lets plugins use any of mergekit's merge-method helpers. An entry point's object is either
-a mergekit ``MergeMethod`` (registered under its ``spec.name``) or a callable
-taking no arguments that registers its methods itself.
+except the packages ``mergekit.merge_methods`` and ``mergekitty.merge_methods``
+(mergekit's fork, same API under another name); right after one of them (and
+with it the registry) has first been imported, it registers every method that an
+installed package declares under the entry-point group of the same name
+(``mergekit.merge_methods`` or ``mergekitty.merge_methods``). Waiting for the whole
+package, not just its registry module, lets plugins use any of mergekit's
+merge-method helpers. An entry point's object is either a ``MergeMethod``
+(registered under its name) or a callable taking no arguments that registers its
+methods itself.
 
 Nothing is imported at start-up beyond this file. A failing plugin is logged and
 skipped; mergekit and the other plugins keep working. Set
@@ -19,8 +21,10 @@ import os
 import sys
 
 ENTRY_POINT_GROUP = "mergekit.merge_methods"
+#: The packages watched; each one's plugins are declared under an entry-point
+#: group of the same name.
+TARGETS = (ENTRY_POINT_GROUP, "mergekitty.merge_methods")
 DISABLE_VARIABLE = "NEARSWAP_MERGEKIT_NO_HOOK"
-_TARGET = "mergekit.merge_methods"
 _MARK = "_mergekit_plugin_hook"
 
 
@@ -30,10 +34,12 @@ def install():
         return
     if any(getattr(finder, _MARK, False) for finder in sys.meta_path):
         return
-    if _TARGET in sys.modules:  # installed late: mergekit is already there
-        load_plugins()
-        return
-    sys.meta_path.insert(0, _MergeMethodsFinder())
+    finder = _MergeMethodsFinder()
+    for target in TARGETS:
+        if target in sys.modules:  # installed late: that package is already there
+            finder.fired.add(target)
+            load_plugins(target)
+    sys.meta_path.insert(0, finder)
 
 
 class _MergeMethodsFinder:
@@ -45,10 +51,12 @@ class _MergeMethodsFinder:
     """
 
     _mergekit_plugin_hook = True
-    fired = False
+
+    def __init__(self):
+        self.fired = set()  # the packages whose plugins are loaded
 
     def find_spec(self, fullname, path=None, target=None):
-        if fullname != _TARGET or self.fired:
+        if fullname not in TARGETS or fullname in self.fired:
             return None
         try:
             for finder in sys.meta_path:
@@ -85,26 +93,27 @@ class _LoadPluginsAfter:
 
     def exec_module(self, module):
         self._loader.exec_module(module)  # if it raises, the hook stays armed
-        if self._finder.fired:
+        if module.__name__ in self._finder.fired:
             return
-        self._finder.fired = True
+        self._finder.fired.add(module.__name__)
         # Python binds the submodule on its parent only after this returns; bind
         # it now, so `import mergekit.merge_methods as mm` works inside plugins.
         parent, _, child = module.__name__.rpartition(".")
         if parent in sys.modules:
             setattr(sys.modules[parent], child, module)
-        load_plugins()
+        load_plugins(module.__name__)
 
 
-def load_plugins():
-    """Register every method declared under ENTRY_POINT_GROUP; never raises."""
+def load_plugins(group=ENTRY_POINT_GROUP):
+    """Register every method declared under `group` (one of TARGETS, the package
+    it registers with); never raises."""
     import logging
 
-    log = logging.getLogger("mergekit.plugins")
+    log = logging.getLogger(group.split(".")[0] + ".plugins")
     try:
         from importlib.metadata import entry_points
 
-        declared = entry_points(group=ENTRY_POINT_GROUP)
+        declared = entry_points(group=group)
     except Exception as error:  # a broken distribution must not break mergekit
         log.warning("mergekit plugins: cannot list entry points: %s", error)
         return
@@ -114,7 +123,7 @@ def load_plugins():
             continue
         seen.add(entry_point.value)
         try:
-            register_object(entry_point.load())
+            register_object(entry_point.load(), group.split(".")[0])
         except Exception as error:
             log.warning(
                 "mergekit plugin %r (%s) was skipped: %s: %s",
@@ -125,31 +134,54 @@ def load_plugins():
             )
 
 
-def register_object(obj):
-    """Register a MergeMethod, or call a registration function."""
+def register_object(obj, package="mergekit"):
+    """Register a MergeMethod with `package`, or call a registration function."""
     if not hasattr(obj, "spec") and not hasattr(obj, "make_task") and callable(obj):
         obj()
     else:
-        register_method(obj)
+        register_method(obj, package)
 
 
-def register_method(method) -> bool:
-    """Register a MergeMethod with mergekit 0.1.5's registry or 0.1.4's dict.
+def merge_method_api(package="mergekit"):
+    """Which merge-method API `package` ("mergekit" or "mergekitty") has: "0.1.5"
+    (``registry.register``, ``MergeMethodSpec``), "0.1.4" (the dict
+    ``REGISTERED_MERGE_METHODS`` and ``MergeMethod.make_task``), or None. Imports
+    ``package.merge_methods``."""
+    import importlib
+
+    registry = importlib.import_module(package + ".merge_methods.registry")
+    if callable(getattr(registry, "register", None)) and hasattr(registry, "registered_methods"):
+        return "0.1.5"
+    base = importlib.import_module(package + ".merge_methods.base")
+    if isinstance(getattr(registry, "REGISTERED_MERGE_METHODS", None), dict) and hasattr(
+        getattr(base, "MergeMethod", None), "make_task"
+    ):
+        return "0.1.4"
+    return None
+
+
+def register_method(method, package="mergekit") -> bool:
+    """Register a MergeMethod with `package`'s registry (mergekit 0.1.5's
+    ``registry.register``, or the dict of mergekit 0.1.4, mergekit's main and mergekitty).
 
     True when `method` is the registered one (now or already); False, with a
-    warning, when mergekit already has a different method of that name.
+    warning, when that package already has a different method of that name.
     """
-    from mergekit.merge_methods import registry
+    import importlib
 
-    if hasattr(registry, "register"):  # mergekit 0.1.5
+    registry = importlib.import_module(package + ".merge_methods.registry")
+    api = merge_method_api(package)
+    if api == "0.1.5":
         name = method.spec.name
         present = {m.spec.name: m for m in registry.registered_methods()}
-    else:  # mergekit 0.1.4
+    elif api == "0.1.4":
         name = method.name()
         present = registry.REGISTERED_MERGE_METHODS
+    else:
+        raise RuntimeError(package + " has neither merge-method registry this hook knows")
     existing = present.get(name)
     if existing is None:
-        if hasattr(registry, "register"):
+        if api == "0.1.5":
             registry.register(method)
         else:
             present[name] = method
@@ -157,11 +189,12 @@ def register_method(method) -> bool:
     if existing is not method:
         import logging
 
-        logging.getLogger("mergekit.plugins").warning(
-            "merge method %r from %s was not registered and steps aside: mergekit "
+        logging.getLogger(package + ".plugins").warning(
+            "merge method %r from %s was not registered and steps aside: %s "
             "already has a method of that name (%s)",
             name,
             type(method).__module__,
+            package,
             type(existing).__module__,
         )
         return False

@@ -82,7 +82,7 @@ def load_recipe(path: str):
     """Parse a recipe with mergekit's own MergeConfiguration."""
     from mergekit.config import MergeConfiguration
 
-    register()  # a no-op where the start-up hook has done it
+    register("mergekit")  # a no-op where the start-up hook has done it
     if not os.path.isfile(path):
         raise RecipeError(f"recipe {path!r} does not exist")
     try:
@@ -209,7 +209,7 @@ def plan(config, options=None) -> List[TensorJob]:
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
-    register()  # a no-op where the start-up hook has done it
+    register("mergekit")  # a no-op where the start-up hook has done it
     options = options or MergeOptions()
     config = config.model_copy(deep=True)
     arch_info = get_architecture_info(config, options)

@@ -51,6 +51,8 @@ def test_recipe_loads_and_starts_with_a_comment(path):
     for doc in documents(path):
         doc.pop("name", None)  # mergekit-multi's stage name
         config = MergeConfiguration.model_validate(doc)
+        if "tokenizer" in doc:  # mergekitty refuses `tokenizer:` beside its default source
+            assert "tokenizer_source" in doc and doc["tokenizer_source"] is None
         assert config.merge_method == "nearswap_chain"
         assert config.base_model is not None and config.models
         assert check_threshold(config.parameters["t"]) > 0

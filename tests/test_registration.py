@@ -216,27 +216,47 @@ def test_steps_aside_when_mergekit_already_has_a_nearswap_chain():
     assert "steps aside" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_other_mergekit_versions_get_no_method_and_a_message():
+def test_a_version_never_seen_registers_by_its_api():
+    """The adapter follows the API mergekit exposes; the version string is only
+    shown in messages (CI also runs the suite on mergekit's main re-versioned)."""
     patch = """
 import importlib.metadata as metadata
 real = metadata.version
-metadata.version = lambda name: "0.2.0" if name == "mergekit" else real(name)
+metadata.version = lambda name: "0.1.6.dev0" if name == "mergekit" else real(name)
 """
     result = python(
         patch + REGISTRY_HELPERS + textwrap.dedent(
             """
-            try:
-                merge_methods.get("nearswap_chain")
-            except RuntimeError as error:
-                print("absent:", error)
-            print("stock:", pretty_name("linear"))
+            from nearswap_mergekit.registration import inspect
+            print(pretty_name("nearswap_chain"), "|", inspect().describe())
             """
         ),
         helpers=False,
     )
-    assert "absent: Unimplemented merge method nearswap_chain" in result.stdout, result.stderr
-    assert "stock: Linear" in result.stdout
-    assert "supports mergekit 0.1.4 and 0.1.5; this is mergekit 0.2.0" in result.stderr
+    assert result.returncode == 0, result.stderr
+    name, described = result.stdout.strip().split(" | ")
+    assert name == "NearSwap chain"
+    assert described.startswith("mergekit 0.1.6.dev0 (0.1.") and "merge-method API" in described
+    assert result.stderr == ""
+
+
+def test_a_mergekit_with_neither_api_gets_no_method_and_a_message():
+    result = python(
+        """
+        from mergekit.merge_methods import registry
+        for name in ("register", "REGISTERED_MERGE_METHODS"):
+            if hasattr(registry, name):
+                delattr(registry, name)
+        import nearswap_mergekit
+        print("registered:", nearswap_mergekit.register("mergekit"))
+        """,
+        env={"NEARSWAP_MERGEKIT_NO_HOOK": "1"},
+        helpers=False,
+    )
+    assert result.stdout.strip() == "registered: False", result.stderr
+    assert "has neither 0.1.5's merge-method registry (mergekit.merge_methods.registry.register)" in result.stderr
+    assert "nor 0.1.4's (REGISTERED_MERGE_METHODS" in result.stderr
+    assert "pip install 'mergekit==0.1.5'" in result.stderr and "Traceback" not in result.stderr
 
 
 PLUGIN_PYPROJECT = """
