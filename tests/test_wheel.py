@@ -97,6 +97,8 @@ def test_installed_files(fresh):
         assert (fresh["site"] / name).is_file()
     recipes = sorted(p.name for p in (fresh["site"] / "nearswap_mergekit" / "recipes").iterdir())
     assert recipes == sorted(p.name for p in CONFIGS.glob("*.yml"))
+    licences = {p.name for p in fresh["site"].glob("nearswap_mergekit-*.dist-info/licenses/*")}
+    assert licences == {"LICENSE", "COPYING"}  # LGPL-3.0 and the GPL-3.0 it builds on
 
 
 def test_import_is_silent_and_comes_from_the_wheel(fresh):
