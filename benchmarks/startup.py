@@ -1,9 +1,11 @@
-"""Start-up cost of the installed hook: a fresh venv, before and after installing the wheel.
+"""Start-up cost of the installed hook and of the CLI: a fresh venv, before and after
+installing the wheel.
 
     .venv/bin/python benchmarks/startup.py
 
-Prints `python -X importtime -c pass` totals and the hook's own line, and the median
-wall time of `python -c pass`, without and with the plugin, measured alternately.
+Prints `python -X importtime -c pass` totals and the hook's own line, the median
+wall time of `python -c pass` without and with the plugin, and that of
+`nearswap-mergekit --help` (goal: under HELP_GOAL_S), all measured alternately.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RUNS = 60
+#: `nearswap-mergekit --help` should answer within this (it imports no torch).
+HELP_GOAL_S = 0.5
 
 
 def python_in(venv: Path) -> str:
@@ -36,9 +40,9 @@ def importtime(python: str) -> dict:
     return rows
 
 
-def wall(python: str) -> float:
+def wall(command: list) -> float:
     start = time.perf_counter()
-    subprocess.run([python, "-c", "pass"], check=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return time.perf_counter() - start
 
 
@@ -56,10 +60,12 @@ def main():
             Path(site, "shared_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
         subprocess.run([python_in(venvs["with"]), "-m", "pip", "install", "-q", "--no-deps", "--no-index",
                         str(wheel)], check=True)
-        times = {name: [] for name in venvs}
+        commands = {name: [python_in(venv), "-c", "pass"] for name, venv in venvs.items()}
+        commands["help"] = [str(venvs["with"] / "bin" / "nearswap-mergekit"), "--help"]
+        times = {name: [] for name in commands}
         for _ in range(RUNS):  # alternate
-            for name, venv in venvs.items():
-                times[name].append(wall(python_in(venv)))
+            for name, command in commands.items():
+                times[name].append(wall(command))
         imports = {name: importtime(python_in(venv)) for name, venv in venvs.items()}
     hook = imports["with"].get("nearswap_mergekit_hook", 0)
     print(f"python -X importtime -c pass: nearswap_mergekit_hook {hook} us "
@@ -69,6 +75,10 @@ def main():
               f"over {RUNS} runs")
     delta = statistics.median(times["with"]) - statistics.median(times["without"])
     print(f"difference of medians: {1e3 * delta:+.2f} ms")
+    help_s, pass_s = statistics.median(times["help"]), statistics.median(times["with"])
+    print(f"nearswap-mergekit --help: median {1e3 * help_s:.1f} ms over {RUNS} runs, "
+          f"{help_s / pass_s:.1f}x python -c pass; goal < {1e3 * HELP_GOAL_S:.0f} ms: "
+          f"{'met' if help_s < HELP_GOAL_S else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ from nearswap_mergekit.spec import (
     REFERENCE_URL,
     T_SOURCE_UNKNOWN,
     parse_threshold,
+    warn_if_large,
 )
 
 #: Where each package keeps mergekit's `Task` (the rest has the same module names).
@@ -134,6 +135,7 @@ def merge_in_order(tensors: Dict[Any, torch.Tensor], base_model, secondaries: Tu
     shapes = {tuple(tensors[m].shape) for m, _ in present} | {tuple(base.shape)}
     if len(shapes) > 1:
         raise RuntimeError(f"Tensor size mismatch for {weight_name}, sizes: {sorted(shapes)}")
+    warn_if_large([t for _, t in present], f" (tensor {weight_name})")
     return nearswap_chain(
         base, [tensors[m] for m, _ in present], [t for _, t in present], round_stages=round_stages
     )

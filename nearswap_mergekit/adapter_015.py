@@ -24,6 +24,7 @@ from nearswap_mergekit.spec import (
     REFERENCE_URL,
     T_SOURCE_UNKNOWN,
     parse_threshold,
+    warn_if_large,
 )
 
 
@@ -102,10 +103,12 @@ def _nearswap_chain_merge(
     the secondary's value where the two are within t.
     """
     secondaries = group.non_base
+    thresholds = t.values_for(secondaries)
+    warn_if_large(thresholds)
     return nearswap_chain(
         group.base.tensor,
         [entry.tensor for entry in secondaries],
-        t.values_for(secondaries),
+        thresholds,
         round_stages=round_stages,
     )
 

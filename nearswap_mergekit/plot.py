@@ -1,16 +1,36 @@
-"""PNG plots of a `stats` report (matplotlib, an optional extra)."""
+"""PNG plots of `stats` and `calibrate` results (matplotlib, an optional extra)."""
 
 from __future__ import annotations
 
+from typing import List
 
-def plot_report(report: dict, path: str) -> None:
-    """Full-swap fraction per layer for each stage; the t ladder when several t were given."""
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (files only, no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(figure, path: str) -> None:
+    plt = _pyplot()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _short(model: str) -> str:
+    return model.rsplit("/", 1)[-1]
+
+
+def plot_report(report: dict, path: str) -> None:
+    """Full-swap fraction per layer for each stage; the t ladder when several t were given."""
     import matplotlib.ticker
 
+    plt = _pyplot()
     results = report["results"]
     ladder = len(results) > 1
     figure, axes = plt.subplots(1, 2 if ladder else 1, figsize=(12 if ladder else 7, 4.5))
@@ -22,7 +42,7 @@ def plot_report(report: dict, path: str) -> None:
             [row["layer"] for row in layers],
             [100 * row["full_swap_fraction"] for row in layers],
             marker="o",
-            label=f"stage {index}: {stage['model'].rsplit('/', 1)[-1]}",
+            label=f"stage {index}: {_short(stage['model'])}",
         )
     label = "recipe's t" if first["t"] is None else f"t = {first['t']:g}"
     axes[0].set(xlabel="layer", ylabel="% fully swapped", title=f"Full swap per layer ({label})")
@@ -35,6 +55,33 @@ def plot_report(report: dict, path: str) -> None:
                          marker="o", label=f"stage {index + 1}")
         axes[1].set(xscale="log", xlabel="t", ylabel="% fully swapped per pass", title="t ladder")
         axes[1].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    _save(figure, path)
+
+
+def plot_calibration(result: dict, curves: List[dict], path: str) -> None:
+    """Per stage, the full-swap fraction against t (earlier stages at their chosen
+    t), each stage's chosen t marked, the target and the global t drawn across.
+
+    `result` is `calibrate`'s; `curves[k]` holds stage k's measured "t" and
+    "full_swap_fraction" lists. Both axes are logarithmic: points at t = 0 or a
+    fraction of 0 are left out.
+    """
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, (stage, curve) in enumerate(zip(result["stages"], curves), 1):
+        points = [(t, 100 * f) for t, f in zip(curve["t"], curve["full_swap_fraction"]) if t > 0 and f > 0]
+        ts, percents = [t for t, _ in points], [p for _, p in points]
+        (line,) = axis.plot(ts, percents, marker="o", markersize=3,
+                            label=f"stage {index}: {_short(stage['model'])}, t = {stage['t']:.4g}")
+        if stage["t"] > 0 and stage["achieved_full_swap_fraction"] > 0:
+            axis.plot(stage["t"], 100 * stage["achieved_full_swap_fraction"], marker="*",
+                      markersize=14, color=line.get_color(), markeredgecolor="black")
+    axis.axhline(100 * result["target"], color="grey", linestyle="--", linewidth=1,
+                 label=f"target {100 * result['target']:g}%")
+    if result["global_t"] > 0:
+        axis.axvline(result["global_t"], color="grey", linestyle=":", linewidth=1,
+                     label=f"global t = {result['global_t']:.4g}")
+    axis.set(xscale="log", yscale="log", xlabel="t", ylabel="% fully swapped per pass",
+             title="Full swap against t per stage (chosen t starred)")
+    axis.legend(fontsize=8)
+    _save(figure, path)

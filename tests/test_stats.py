@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import CONFIGS, Workspace, file_digests, run_cli
 from safetensors.torch import load_file, save_file
 
@@ -163,18 +164,103 @@ def test_calibrate_suggests_t_that_achieves_the_target(workspace):
         s["achieved_full_swap_fraction"] for s in result["stages"]]
 
 
+def calibrate(workspace, *args):
+    return run_cli("nearswap-mergekit", "calibrate", *args, "--quiet", cwd=workspace.root, check=True)
+
+
+def test_calibrate_writes_recipes_that_merge_with_the_t_it_suggests(workspace, tmp_path):
+    """-o writes each stage's t in place of the filters and gradients that set it
+    before; -o --global the one t. The stock mergekit-yaml merges each with exactly
+    those t, and stats on each reports the fractions calibrate said they achieve."""
+    workspace.write_recipe("to-calibrate.yml", {
+        "merge_method": "nearswap_chain",
+        "base_model": workspace.model("miqu"),
+        "models": [
+            {"model": workspace.model("wintergoddess"),
+             "parameters": {"t": [{"filter": "mlp", "value": 2e-3}, {"value": 1e-4}]}},
+            {"model": workspace.model("aurora-nights"), "parameters": {"t": [1e-4, 1e-2]}},
+            {"model": workspace.model("xwin")},
+        ],
+        "parameters": {"t": 1e-4, "round_stages": True},
+        "dtype": "float16",
+        "tokenizer": {"source": "base"},
+    })
+    calibrate(workspace, "to-calibrate.yml", "--target-swap", "5%", "--json", "per-stage.json",
+              "-o", "per-stage.yml")
+    calibrate(workspace, "to-calibrate.yml", "--target-swap", "0.05", "-o", "global.yml", "--global")
+    result = json.loads((workspace.root / "per-stage.json").read_text())
+    secondaries = [stage["model"].rsplit("/", 1)[-1] for stage in result["stages"]]
+    assert secondaries == ["wintergoddess", "aurora-nights", "xwin"]
+
+    text = (workspace.root / "per-stage.yml").read_text()
+    header = text[: text.index("\nmerge_method")]
+    assert all(line.startswith("# ") for line in header.splitlines())
+    assert "to-calibrate.yml" in header and "5%" in header
+    assert "nearswap-mergekit calibrate to-calibrate.yml --target-swap 5% -o per-stage.yml" in header
+    assert "mergekit-yaml per-stage.yml OUT/" in header
+    written = yaml.safe_load(text)
+    assert written["models"] == [
+        {"model": stage["model"], "parameters": {"t": stage["t"]}} for stage in result["stages"]]
+    assert written["parameters"] == {"round_stages": True}
+    assert written["tokenizer"] == {"source": "base"} and written["dtype"] == "float16"
+    per_stage_t = dict(zip(secondaries, (stage["t"] for stage in result["stages"])))
+    workspace.merge("per-stage.yml", "per-stage-out")
+    workspace.assert_merged("per-stage-out",
+                            workspace.reference(secondaries, lambda _name, model: per_stage_t[model]))
+    stats(workspace, "per-stage.yml", "--json", "per-stage-stats.json")
+    check = json.loads((workspace.root / "per-stage-stats.json").read_text())
+    assert [s["full_swap_fraction"] for s in check["results"][0]["stages"]] == [
+        s["achieved_full_swap_fraction"] for s in result["stages"]]
+
+    text = (workspace.root / "global.yml").read_text()
+    assert "--target-swap 5% -o global.yml --global" in text
+    written = yaml.safe_load(text)
+    assert written["models"] == [{"model": workspace.model(name)} for name in secondaries]
+    assert written["parameters"] == {"t": result["global_t"], "round_stages": True}
+    workspace.merge("global.yml", "global-out")
+    workspace.assert_merged("global-out", workspace.reference(secondaries, result["global_t"]))
+    stats(workspace, "global.yml", "--json", "global-stats.json")
+    check = json.loads((workspace.root / "global-stats.json").read_text())
+    assert [s["full_swap_fraction"] for s in check["results"][0]["stages"]] == [
+        s["full_swap_fraction_at_global_t"] for s in result["stages"]]
+
+
+def test_calibrate_refuses_a_recipe_it_cannot_rewrite_before_reading(workspace):
+    workspace.write_recipe("sliced.yml", {
+        "merge_method": "nearswap_chain",
+        "base_model": workspace.model("miqu"),
+        "slices": [{"sources": [{"model": workspace.model(name), "layer_range": [0, 2]}
+                                for name in ("miqu", "xwin")]}],
+        "parameters": {"t": 1e-4},
+    })
+    result = run_cli("nearswap-mergekit", "calibrate", "sliced.yml", "--target-swap", "5%",
+                     "-o", "sliced.yml", cwd=workspace.root)
+    assert result.returncode == 2
+    assert "'sliced.yml' is the source recipe; write the new recipe to another file" in result.stderr
+    assert "reading" not in result.stderr and "target:" not in result.stdout
+
+
+def test_calibrate_plot(workspace, tmp_path):
+    pytest.importorskip("matplotlib")
+    shutil.copy(CONFIGS / "demo-boreangale.yml", workspace.root / "plotted.yml")
+    result = calibrate(workspace, "plotted.yml", "--target-swap", "5%", "--sample", "0.25",
+                       "--plot", tmp_path / "calibrated.png")
+    assert f"wrote {tmp_path / 'calibrated.png'}" in result.stdout
+    assert (tmp_path / "calibrated.png").read_bytes().startswith(b"\x89PNG")
+
+
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, code",  # 2: bad input; 1: a failure while reading the models
     [
-        (["missing.yml"], "recipe 'missing.yml' does not exist"),
-        (["linear.yml"], "uses merge_method 'linear'"),
-        (["ok.yml", "--t", "-0.001"], "t must be a finite number >= 0"),
-        (["ok.yml", "--sample", "0"], "must be in (0, 1]"),
-        (["ok.yml", "--sample", "1.5"], "must be in (0, 1]"),
-        (["corrupt.yml"], "cannot read the models of corrupt.yml"),
+        (["missing.yml"], "recipe 'missing.yml' does not exist", 2),
+        (["linear.yml"], "uses merge_method 'linear'", 2),
+        (["ok.yml", "--t", "-0.001"], "t must be a finite number >= 0", 2),
+        (["ok.yml", "--sample", "0"], "must be in (0, 1]", 2),
+        (["ok.yml", "--sample", "1.5"], "must be in (0, 1]", 2),
+        (["corrupt.yml"], "cannot read the models of corrupt.yml", 1),
     ],
 )
-def test_bad_input(workspace, args, message):
+def test_bad_input(workspace, args, message, code):
     workspace.write_recipe("ok.yml", (CONFIGS / "demo-boreangale.yml").read_text())
     workspace.write_recipe("linear.yml", {
         "merge_method": "linear",
@@ -194,6 +280,6 @@ def test_bad_input(workspace, args, message):
     })
     before = file_digests(workspace.models)
     result = stats(workspace, *args, check=False)
-    assert result.returncode != 0
+    assert result.returncode == code
     assert message in result.stdout + result.stderr, result.stderr
     assert file_digests(workspace.models) == before
