@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from nearswap_mergekit._fused import fused_available
 from nearswap_mergekit.kernel import chain_with_row_stats
+from nearswap_mergekit.reader import Holdings, RowReader, TensorRows, find_rows
 from nearswap_mergekit.registration import register
 from nearswap_mergekit.spec import METHOD_NAME
 #: Elements per block of rows read and processed at once.
@@ -99,108 +100,6 @@ def load_recipe(path: str):
     return config
 
 
-class Holdings:
-    """Bytes of tensor data that stats holds in memory at once (memory-mapped
-    safetensors rows excluded: the page cache holds those), and the peak."""
-
-    held = 0
-    peak = 0
-
-    @classmethod
-    def add(cls, nbytes: int) -> None:
-        cls.held += nbytes
-        cls.peak = max(cls.peak, cls.held)
-
-
-class RowReader:
-    """Rows of one tensor of one model, read through mergekit's loader index.
-
-    safetensors tensors are memory-mapped (safetensors maps the file and reads
-    nothing until rows are touched), so a sample reads only its rows. A pickled
-    (.bin) tensor is read whole, lazily, by mergekit's lazy unpickler, on the first
-    read, and let go by release(): one tensor per model at a time.
-    """
-
-    def __init__(self, model, names: Sequence[str]):
-        from mergekit.io.tasks import LoaderCache
-
-        loader = LoaderCache().get(model)
-        self.name = next((n for n in names if n in loader.index.tensor_paths), None)
-        self._tensor: Optional[torch.Tensor] = None
-        self._held = 0
-        if self.name is None:
-            self.shape = None
-            return
-        path = loader.index.tensor_paths[self.name]
-        self.path = path if os.path.isabs(path) else os.path.join(loader.index.base_path, path)
-        self.safetensors = loader.index.is_safetensors
-        # Rows of a memory-mapped tensor can be read at any time without holding it.
-        self.mapped = self.safetensors
-        if self.safetensors:
-            self.shape = tuple(_safetensors_file(self.path).get_slice(self.name).get_shape())
-        else:
-            self.shape = tuple(_pickled_shard(self.path).index[self.name].shape)
-        self._set_shape()
-
-    def _set_shape(self):
-        self.rows = self.shape[0] if len(self.shape) >= 2 else 1
-        self.row_len = math.prod(self.shape[1:]) if len(self.shape) >= 2 else math.prod(self.shape)
-
-    def _load(self) -> torch.Tensor:
-        if self.safetensors:
-            return _safetensors_file(self.path).get_tensor(self.name)
-        tensor = _pickled_shard(self.path).get_tensor(self.name)
-        self._held = tensor.numel() * tensor.element_size()
-        Holdings.add(self._held)
-        return tensor
-
-    def matrix(self) -> torch.Tensor:
-        """The whole tensor as (rows, row_len), a view of the file where it can be."""
-        if self._tensor is None:
-            self._tensor = self._load().reshape(self.rows, self.row_len)
-        return self._tensor
-
-    def release(self) -> None:
-        """Let go of the tensor (read again on the next read)."""
-        self._tensor = None
-        Holdings.add(-self._held)
-        self._held = 0
-
-
-class TensorRows(RowReader):
-    """Rows of a tensor already in memory (one aligned by mergekit's vocabulary task)."""
-
-    def __init__(self, tensor: torch.Tensor):
-        self.name, self.path, self.shape = None, None, tuple(tensor.shape)
-        self.mapped = True
-        self._set_shape()
-        self._tensor = tensor.reshape(self.rows, self.row_len)
-        self._held = tensor.numel() * tensor.element_size()
-        Holdings.add(self._held)
-
-    def release(self) -> None:
-        """Stop counting the tensor as held (whoever made this reader drops it)."""
-        Holdings.add(-self._held)
-        self._held = 0
-
-
-@functools.lru_cache(maxsize=64)
-def _safetensors_file(path: str):
-    """One open safetensors file (its header parsed once); tensors map lazily."""
-    from safetensors import safe_open
-
-    return safe_open(path, framework="pt")
-
-
-@functools.lru_cache(maxsize=None)
-def _pickled_shard(path: str):
-    """mergekit's lazy unpickler for one .bin shard: it reads the pickle's index
-    (names, shapes, offsets) now and each tensor only when asked for it."""
-    from mergekit.io.loader import TensorLoader
-
-    return TensorLoader.get(path, use_lazy_unpickle=True)
-
-
 def plan(config, options=None) -> List[TensorJob]:
     """Every output tensor of the recipe, as mergekit's planner resolves it."""
     from mergekit.architecture import get_architecture_info
@@ -234,8 +133,8 @@ def plan(config, options=None) -> List[TensorJob]:
         readers = {}
         for model in order:
             info = gather.weight_info[model]
-            reader = RowReader(model, [info.name, *(info.aliases or ()), *(info.tied_names or ())])
-            if reader.shape is not None:
+            reader = find_rows(model, [info.name, *(info.aliases or ()), *(info.tied_names or ())])
+            if reader is not None:
                 readers[str(model)] = reader
         if str(base) not in readers:
             continue  # a weight the base lacks: nothing NearSwap does to it
@@ -450,8 +349,8 @@ def measure(
                   for job in jobs)
     bar = tqdm(total=planned, unit="weights", unit_scale=True, desc="reading",
                disable=not progress)
-    # Tensors whose rows stay readable without being held (memory-mapped, or in
-    # memory) are read together, many per kernel call, where their rows have the
+    # Tensors whose rows stay readable without being held (safetensors files, or
+    # in memory) are read together, many per kernel call, where their rows have the
     # same length and their arithmetic is the same: a sample of a few hundred
     # tensors then costs a few calls, not a few per tensor. The others (.bin
     # tensors, which are loaded whole; vocabulary-aligned ones, which mergekit
@@ -459,7 +358,7 @@ def measure(
     groups: Dict[tuple, List[TensorJob]] = defaultdict(list)
     alone = []
     for job in jobs:
-        if job.vocabulary_task is None and all(r.mapped for r in job.readers.values()):
+        if job.vocabulary_task is None and all(r.random_access for r in job.readers.values()):
             groups[_arithmetic(job, job.readers, settings, stages_limit)].append(job)
         else:
             alone.append(job)
@@ -565,13 +464,12 @@ def _read_together(members, key, settings, draw, results, bar) -> None:
                     else torch.arange(low, high) for part, low, high in pieces]
             ends = list(itertools.accumulate(len(r) for r in rows))
             def gather(position):
-                sources = [part.models[position].matrix() for part, _, _ in pieces]
+                # A safetensors reader reads just these rows, by offset: a sample of a
+                # cold checkpoint then reads about its own size from the disk.
+                sources = [part.models[position] for part, _, _ in pieces]
                 block = scratch(position, sources[0].dtype)[: ends[-1]]
                 for source, index, start, end in zip(sources, rows, [0, *ends], ends):
-                    if source.dtype == block.dtype:
-                        torch.index_select(source, 0, index, out=block[start:end])
-                    else:
-                        block[start:end] = source.index_select(0, index)
+                    source.read_rows(index, block[start:end])
                 return block
 
             blocks = list(_gather_pool().map(gather, range(count + 1)))
@@ -626,7 +524,7 @@ def _read_together(members, key, settings, draw, results, bar) -> None:
 def _promoted(readers) -> torch.dtype:
     dtype = None
     for reader in readers:
-        current = reader.matrix().dtype
+        current = reader.dtype
         dtype = current if dtype is None else torch.promote_types(dtype, current)
     return dtype
 
