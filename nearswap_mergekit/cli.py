@@ -18,6 +18,13 @@ import click
 from nearswap_mergekit import __version__
 
 
+class _BadInput(click.ClickException):
+    """Input a command cannot use (bad recipe, missing path, no network for --pin):
+    one line, exit 2, nothing written. Failures while running exit 1."""
+
+    exit_code = 2
+
+
 def stock_cli(name: str) -> str:
     """Path of a mergekit console script from this environment (e.g. mergekit-yaml)."""
     beside = Path(sys.executable).parent / name
@@ -99,10 +106,8 @@ def recipe(name: Optional[str], output: Optional[str], pin: bool):
 
         try:
             text, commits = pinning.pin_recipe(text, datetime.now(timezone.utc), note)
-        except pinning.PinError as error:
-            failure = click.ClickException(str(error))
-            failure.exit_code = 2  # bad input or no network: one line, nothing written
-            raise failure from None
+        except pinning.PinError as error:  # bad input or no network
+            raise _BadInput(str(error)) from None
         except pinning.HubError as error:
             raise click.ClickException(str(error)) from None
         for repo_id, commit in commits.items():
@@ -491,12 +496,6 @@ def calibrate(recipe, target_swap, sample, seed, output_path, one_t, json_path, 
         click.echo(f"wrote {plot_path}")
 
 
-class _BadInput(click.ClickException):
-    """Input that `compare` or `hash` cannot use: one line, exit 2, nothing written."""
-
-    exit_code = 2
-
-
 @contextlib.contextmanager
 def _checkpoint_input():
     """Bad or unreadable input of `compare`/`hash` as one line and exit 2 (like cmp)."""
@@ -760,9 +759,10 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     if context is not None and context < 2:
         raise _BadInput(f"--context {context}: a window needs 2 positions or more (one to "
                         "condition on, one to score)")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise _BadInput(f"--device cuda: this torch ({torch.__version__}) sees no CUDA device; "
-                        "use --device cpu, or a CUDA build of torch on a machine with a GPU")
+    try:
+        execution = laddering.execution_device(device)
+    except laddering.LadderError as error:
+        raise _BadInput(str(error)) from None
     if recipes_dir:
         if not (ts or targets):
             raise click.UsageError("--recipes writes one recipe per --t or --target-swap rung; give one of those")
@@ -814,7 +814,6 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     rungs = rungs or [laddering.recipe_rung(jobs)]
     with _reading(recipe):
         fractions = laddering.full_swap_fractions(recipe, jobs, rungs, not quiet)
-    execution = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     setup = laddering.LadderRun(
         recipe=recipe, config=config, jobs=jobs, output=output, texts=text_set, context=context,
         batch=batch, device=execution, eval_dtype=getattr(torch, eval_dtype), prompts=prompts,
