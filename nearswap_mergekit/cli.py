@@ -711,8 +711,9 @@ def _rung_recipe_name(recipe: str, label: str) -> str:
               help="Positions per window, the BOS included (default: 2048, or the model's "
               "max_position_embeddings where smaller).")
 @click.option("--batch", type=click.IntRange(min=1), metavar="N",
-              help="Windows per forward (default: all windows of one length at once). Each "
-              "rung holds its batch's log-probabilities: N x context x vocabulary x 4 bytes.")
+              help="Windows per forward (default: all windows of one length at once). The base "
+              "row and each rung hold their batch's log-probabilities until it is scored: "
+              "(rungs + 1) x N x context x vocabulary x 4 bytes.")
 @click.option("--eval-dtype", type=click.Choice(EVAL_DTYPES),
               help="dtype the model runs in (default: float32 on the CPU, the recipe's dtype "
               "on CUDA); the log-softmax is float32 whatever it is.")
@@ -740,8 +741,8 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     Each rung's model is the one mergekit-yaml would write for RECIPE at that t,
     merged a weight at a time as transformers' forward reaches it and let go
     after; the base row (t = 0) and the rungs run together and share each read of
-    the inputs. Scoring rule: `python -c "import nearswap_mergekit.scoring as s;
-    help(s)"`.
+    the inputs. The scoring rule is written out in the docstring of
+    nearswap_mergekit/scoring.py.
 
     \b
     nearswap-mergekit ladder quartet.yml --text notes.txt --target-swap 0.8% --target-swap 10% --t 0.0025
