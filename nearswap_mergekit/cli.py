@@ -263,6 +263,16 @@ def _plan(recipe: str, flags: dict):
     return jobs
 
 
+def _hide_progress_bars(quiet: bool) -> None:
+    """--quiet hides mergekit's own tqdm bars too (its vocabulary task draws one per
+    aligned tensor). tqdm reads TQDM_DISABLE when it is first imported, so this runs
+    before anything that imports it."""
+    if quiet:
+        import os
+
+        os.environ["TQDM_DISABLE"] = "1"
+
+
 def _percent(stage: dict, key: str, sample: float) -> str:
     value, se = stage[key], stage[key + "_se"]
     if key + "_upper_95" in stage:  # none seen in the sample
@@ -288,6 +298,7 @@ def _write_json(path: Optional[str], report: dict):
 def stats(recipe, ts, sample, seed, json_path, plot_path, quiet, **flags):
     """Per stage of RECIPE's chain: how many weights are identical, fully swapped and
     moved, and by how much; per layer and per tensor in --json. Writes no model."""
+    _hide_progress_bars(quiet)
     from nearswap_mergekit import stats as stats_module
 
     if plot_path:
@@ -451,6 +462,7 @@ def calibrate(recipe, target_swap, sample, seed, output_path, one_t, json_path, 
     nearswap-mergekit calibrate quartet.yml --target-swap 0.8% -o quartet-0.8.yml
     mergekit-yaml quartet-0.8.yml OUT/
     """
+    _hide_progress_bars(quiet)
     from nearswap_mergekit import recipewriter
     from nearswap_mergekit import stats as stats_module
 
@@ -747,6 +759,7 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     \b
     nearswap-mergekit ladder quartet.yml --text notes.txt --target-swap 0.8% --target-swap 10% --t 0.0025
     """
+    _hide_progress_bars(quiet)
     import torch
 
     from nearswap_mergekit import ladder as laddering

@@ -139,12 +139,12 @@ def output_model(config, options) -> OutputModel:
     `tokenizer:` / `tokenizer_source:`, else the base's, which it copies."""
     from mergekit.architecture import get_architecture_info
     from mergekit.graph import Executor
-    from mergekit.merge import _get_donor_model, _model_out_config, _update_config_vocab
+    from mergekit.merge import _get_donor_model, _update_config_vocab
     from mergekit.plan import MergePlanner
 
     arch_info = get_architecture_info(config, options)
     # A copy: mergekit's model references cache their configs, which it edits here.
-    out_config = copy.deepcopy(_model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code))
+    out_config = copy.deepcopy(stats.output_config(config, arch_info, options))
     # The planner builds its tokenizer task in its constructor: the same task the
     # merge runs, without planning anything.
     task = MergePlanner(config, arch_info, options=options, out_model_config=out_config)._tokenizer_task

@@ -100,11 +100,25 @@ def load_recipe(path: str):
     return config
 
 
+def output_config(config, arch_info, options):
+    """mergekit's config of the merged model. mergekit sets its `torch_dtype`,
+    which transformers 5 answers with a deprecation warning each time; the warning
+    is mergekit's, and the tools that plan a merge without running it keep it quiet."""
+    from mergekit.merge import _model_out_config
+    from transformers.utils import logging as transformers_logging
+
+    level = transformers_logging.get_verbosity()
+    transformers_logging.set_verbosity_error()
+    try:
+        return _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    finally:
+        transformers_logging.set_verbosity(level)
+
+
 def plan(config, options=None) -> List[TensorJob]:
     """Every output tensor of the recipe, as mergekit's planner resolves it."""
     from mergekit.architecture import get_architecture_info
     from mergekit.io.tasks import LoaderCache
-    from mergekit.merge import _model_out_config
     from mergekit.options import MergeOptions
     from mergekit.plan import MergePlanner
 
@@ -115,7 +129,7 @@ def plan(config, options=None) -> List[TensorJob]:
     # mergekit's own loaders read the vocabulary-aligned tensors: lazily, one
     # tensor at a time, for .bin files too.
     LoaderCache().setup(options.model_copy(update={"lazy_unpickle": True}))
-    out_config = _model_out_config(config, arch_info, trust_remote_code=options.trust_remote_code)
+    out_config = output_config(config, arch_info, options)
     planned = MergePlanner(config, arch_info, options=options, out_model_config=out_config)
     jobs = []
     # plan_in_memory() fails in mergekit 0.1.5 (pydantic cannot validate its
