@@ -1,8 +1,23 @@
 #!/usr/bin/env bash
 # Run the test suite (stock mergekit CLIs in subprocesses on tiny checkpoints).
-# MERGEKIT_VERSION=0.1.4 runs it against mergekit 0.1.4 in its own environment.
+# MERGEKIT_VERSION picks the environment (see setup.sh) and what runs there:
+#   0.1.5, 0.1.4  the whole suite
+#   main          the tests that run mergekit (-m mergekit); the others do not
+#                 depend on mergekit and run with the 0.1.5 suite
+#   mergekitty    tests/test_mergekitty.py (the rest of the suite needs mergekit)
+# Arguments go to pytest; with mergekitty they replace the default selection.
 source "$(dirname "${BASH_SOURCE[0]}")/setup.sh"
-# mergekit's own tests, from the sdist of the installed version (test_mergekit_upstream.py
-# skips, saying so, where they could not be fetched).
-bash scripts/fetch-mergekit-tests.sh "$VENV" || echo "could not fetch mergekit's own tests" >&2
-HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q --durations=12 "$@"
+selection=()
+case "$MERGEKIT_VERSION" in
+    0.1.4 | 0.1.5)
+        # mergekit's own tests, from the sdist of the installed version
+        # (test_mergekit_upstream.py skips, saying so, where they could not be fetched).
+        bash scripts/fetch-mergekit-tests.sh "$VENV" || echo "could not fetch mergekit's own tests" >&2
+        ;;
+    # No sdist to fetch: setup.sh unpacked main's own tests from the snapshot.
+    main) selection=(-m mergekit) ;;
+    # test_mergekit_upstream.py runs mergekit's suite, not mergekitty's.
+    mergekitty) [ $# -gt 0 ] || selection=(tests/test_mergekitty.py) ;;
+esac
+# -rfEs: failures, errors and each skip's reason in the summary.
+HF_HUB_OFFLINE=1 "$VENV/bin/python" -m pytest -q -rfEs --durations=12 "${selection[@]}" "$@"

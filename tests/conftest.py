@@ -4,8 +4,9 @@ import hashlib
 import os
 import subprocess
 import sys
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import yaml
@@ -18,16 +19,62 @@ from safetensors.torch import load_file  # noqa: E402
 from nearswap_mergekit.tiny import QUARTET, build_family  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-MERGEKIT_VERSION = version("mergekit")
-ON_MERGEKIT_015 = MERGEKIT_VERSION.startswith("0.1.5")
+
+
+def installed_version(distribution: str) -> Optional[str]:
+    """The installed version of `distribution`, or None where it is not installed."""
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return None
+
+
+#: None in mergekitty's environment, which has no mergekit.
+MERGEKIT_VERSION = installed_version("mergekit")
+MERGEKITTY_VERSION = installed_version("mergekitty")
+
+
+def mergekit_api() -> Optional[str]:
+    """The merge-method API of the installed mergekit, by what it exposes rather than
+    its version string (mergekit's GitHub main says 0.1.4 or anything else): "0.1.5"
+    for the registry with `register` (MergeMethodSpec), "0.1.4" for
+    REGISTERED_MERGE_METHODS; None without mergekit."""
+    if MERGEKIT_VERSION is None:
+        return None
+    from mergekit.merge_methods import registry
+
+    return "0.1.5" if hasattr(registry, "register") else "0.1.4"
+
+
+MERGEKIT_API = mergekit_api()
+ON_MERGEKIT_015 = MERGEKIT_API == "0.1.5"
 only_mergekit_015 = pytest.mark.skipif(
-    not ON_MERGEKIT_015, reason=f"mergekit 0.1.5's in-memory API (this is {MERGEKIT_VERSION})"
+    not ON_MERGEKIT_015,
+    reason=f"mergekit 0.1.5's in-memory API (mergekit {MERGEKIT_VERSION} has {MERGEKIT_API}'s)",
 )
 #: For tests of code that does not touch mergekit (the kernels, the C build, the row
-#: sample): the suite runs once per mergekit version, and these need to run once.
+#: sample): the suite runs once per mergekit, and these need to run once.
 mergekit_independent = pytest.mark.skipif(
     not ON_MERGEKIT_015, reason="does not use mergekit: run with the mergekit 0.1.5 suite"
 )
+#: For tests of mergekitty, mergekit's fork, in an environment that has it and no
+#: mergekit (MERGEKIT_VERSION=mergekitty bash scripts/test.sh).
+only_mergekitty = pytest.mark.skipif(
+    MERGEKITTY_VERSION is None or MERGEKIT_VERSION is not None,
+    reason="needs mergekitty without mergekit (MERGEKIT_VERSION=mergekitty bash scripts/test.sh); "
+    f"here: mergekitty {MERGEKITTY_VERSION}, mergekit {MERGEKIT_VERSION}",
+)
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(items):
+    """Mark `mergekit` every test that runs mergekit (its CLIs or its API): all but
+    those marked mergekit_independent or only_mergekitty, so a new test module counts
+    as running mergekit until it says otherwise."""
+    elsewhere = (mergekit_independent.mark, only_mergekitty.mark)
+    for item in items:
+        if not any(mark in elsewhere for mark in item.iter_markers("skipif")):
+            item.add_marker(pytest.mark.mergekit)
 
 #: For code run in a subprocess: registry access that works on mergekit 0.1.4 and 0.1.5.
 REGISTRY_HELPERS = """
@@ -83,9 +130,16 @@ class Workspace:
         return path
 
     def load(self, name: str):
-        """The tensors of stand-in model `name` (or of an output folder under root)."""
+        """The tensors of stand-in model `name` (or of an output folder under root),
+        from all its safetensors files: mergekit writes model.safetensors, mergekitty
+        model-00001-of-00001.safetensors beside an index."""
         folder = self.models / name if (self.models / name).is_dir() else self.root / name
-        return load_file(str(folder / "model.safetensors"))
+        files = sorted(folder.glob("*.safetensors"))
+        assert files, f"no safetensors files in {folder}"
+        tensors = {}
+        for file in files:
+            tensors.update(load_file(str(file)))
+        return tensors
 
     def reference(self, secondaries, t, base="miqu", round_stages=True):
         """The reference chain for every tensor; t is a number or t(tensor_name, model)."""
