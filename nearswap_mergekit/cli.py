@@ -44,14 +44,14 @@ def merge_cli() -> str:
     return "mergekit-yaml"
 
 
-def _require_mergekit() -> None:
-    """Commands that plan with mergekit's own planner need mergekit, not mergekitty."""
+def _require_mergekit(uses: str = "plans the merge with mergekit's own planner") -> None:
+    """Commands built on mergekit's planner or loader need mergekit, not mergekitty."""
     import importlib.util
 
     if importlib.util.find_spec("mergekit") is None:
         fork = " (mergekitty is not enough)" if importlib.util.find_spec("mergekitty") else ""
         raise _BadInput(
-            f"this command plans the merge with mergekit's own planner, and this environment "
+            f"this command {uses}, and this environment "
             f"has no mergekit{fork}: pip install mergekit==0.1.5 (a separate environment "
             "keeps a mergekitty one as it is)"
         )
@@ -556,6 +556,7 @@ def compare_command(a, b, sample, seed, json_path, quiet):
     nearswap-mergekit compare merged-cpu/ merged-cuda/
     nearswap-mergekit compare merged/ QuartetAnemoi-70B.manifest.json
     """
+    _require_mergekit("reads checkpoints with mergekit's own loader")
     from nearswap_mergekit import compare as comparing
 
     with _checkpoint_input():

@@ -48,14 +48,20 @@ def test_demo_runs_on_mergekitty(tmp_path):
     demo.assert_merged("merged", demo.reference(SECONDARIES, 1e-4))
 
 
-@pytest.mark.parametrize("command", [["stats"], ["calibrate", "--target-swap", "0.05"]],
-                         ids=lambda c: c[0])
-def test_commands_that_plan_with_mergekit_ask_for_it(workspace, command):
+@pytest.mark.parametrize(
+    "command",
+    [["stats", "kitty-stats.yml", "--quiet"],
+     ["calibrate", "kitty-stats.yml", "--target-swap", "0.05", "--quiet"],
+     ["check", "kitty-stats.yml"],
+     ["ladder", "kitty-stats.yml", "--text", "kitty-stats.yml", "--quiet"],
+     ["compare", "./tiny-quartet/miqu", "./tiny-quartet/xwin", "--quiet"]],
+    ids=lambda c: c[0])
+def test_commands_built_on_mergekit_ask_for_it(workspace, command):
     """One line naming the fix, exit 2, nothing written."""
     shutil.copy(CONFIGS / "demo-quartet.yml", workspace.root / "kitty-stats.yml")
     report = workspace.root / f"kitty-{command[0]}.json"
-    result = run_cli("nearswap-mergekit", command[0], "kitty-stats.yml", *command[1:], "--quiet",
-                     "--json", report, cwd=workspace.root)
+    json_option = [] if command[0] == "check" else ["--json", report]
+    result = run_cli("nearswap-mergekit", *command, *json_option, cwd=workspace.root)
     assert result.returncode == 2, result.stderr
     assert "pip install mergekit==0.1.5" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
