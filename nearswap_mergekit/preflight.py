@@ -68,15 +68,26 @@ class Report:
         return [f for f in self.findings if f.kind == PROBLEM]
 
 
+#: The memory model fitted by benchmarks/memory.py to mergekit-yaml runs under cgroup
+#: limits (benchmarks/results/memory.md): need = C + S (1 + a w) + k T + v V.
+NEED_CONSTANT_BYTES = 0.43 * 2**30  # start-up and planning (0.30 GiB measured), margin
+NEED_LARGEST_TENSOR_FACTOR = 0.90
+NEED_ALIGNED_VOCABULARY_FACTOR = 0.89
+NEED_ASYNC_SHARDS_PER_WRITE_THREAD = 0.07  # fitted at 2 write threads only
+
+
 def predicted_need_bytes(largest_tensor_bytes: int, out_shard_bytes: int, async_write: bool = False,
-                         write_threads: int = 1, vocab_aligned_embedding_bytes: int = 0) -> int:
-    """Anonymous memory a `nearswap_chain` merge needs with mergekit-yaml (see
-    docs/performance.md, Memory): the imports, the output shard waiting in RAM
-    (more shards in flight with async writes), the inputs and output of the
-    largest tensor, and the vocabulary-aligned embeddings under `tokenizer:`."""
-    imports = 0.35 * 2**30
-    shards = out_shard_bytes * ((1 + write_threads) if async_write else 1)
-    return int(imports + shards + 3 * largest_tensor_bytes + 5 * vocab_aligned_embedding_bytes)
+                         write_threads: int = 1, vocab_aligned_bytes: int = 0) -> int:
+    """The memory limit under which a `nearswap_chain` merge by mergekit-yaml (CPU)
+    completes (anonymous memory; page cache comes on top and is not needed): the
+    start-up, the output shard waiting in RAM (`out_shard_bytes`, the smaller of
+    --out-shard-size and the whole output), the largest tensor, and under
+    `tokenizer:` the aligned copies of one vocabulary tensor (models x rows x hidden
+    x bytes). Within 0.0-0.43 GiB above every measured need, never below."""
+    shards = 1.0 + (NEED_ASYNC_SHARDS_PER_WRITE_THREAD * write_threads if async_write else 0.0)
+    return int(NEED_CONSTANT_BYTES + shards * out_shard_bytes
+               + NEED_LARGEST_TENSOR_FACTOR * largest_tensor_bytes
+               + NEED_ALIGNED_VOCABULARY_FACTOR * vocab_aligned_bytes)
 
 
 def documents(path: Path) -> List[dict]:
@@ -317,13 +328,13 @@ def _resources(report: Report, stages: List[dict], checkpoints: Dict[str, Checkp
         return
     output_bytes = sum(base.tensor_bytes(name, dtype) for name in base.tensors)
     largest = max((base.tensor_bytes(name, dtype) for name in base.tensors), default=0)
-    embedding = sum(base.tensor_bytes(name, dtype) for name in _vocabulary_tensors(base))
-    aligned = embedding * len(_model_texts(last)) if last.get("tokenizer") else 0
+    vocabulary = max((base.tensor_bytes(name, dtype) for name in _vocabulary_tensors(base)), default=0)
+    aligned = vocabulary * len(_model_texts(last)) if last.get("tokenizer") else 0
     shard = min(options.out_shard_size, output_bytes)
     need = predicted_need_bytes(largest, shard, options.async_write, options.write_threads, aligned)
     report.add(INFO, f"RAM: about {need / 2**30:.1f} GiB of anonymous memory (output shard "
                      f"{gb(shard)} held until written, largest tensor {gb(largest)}); page cache "
-                     "comes on top and is not needed")
+                     "comes on top and is not needed; with less, a merge can hang rather than stop")
     if options.out_shard_size > 1e9 and output_bytes > 1e9:
         report.add(INFO, "--out-shard-size 1B keeps the output shard waiting in RAM to 1 GB")
     report.add(INFO, f"disk: the output takes {gb(output_bytes)} ({output_bytes:,} bytes of tensors)")
