@@ -100,10 +100,10 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
             # requirements come from its own metadata, with transformers 5.3.0:
             # mergekitty's own `nearswap` fails on transformers >= 5.4. This package
             # goes in without its declared mergekit (mergekit must not be here: the
-            # environment is mergekitty's alone). `pip check` then reports exactly
-            # these two: "mergekitty ... has requirement torch~=2.10.0, but you have
-            # torch 2.13.0+cpu" and "nearswap-mergekit ... requires mergekit, which
-            # is not installed"; both expected.
+            # environment is mergekitty's alone). So pip, as it installs, and `pip
+            # check` report exactly these two, both expected: "mergekitty ...
+            # requires torch~=2.10.0, but you have torch 2.13.0+cpu" and
+            # "nearswap-mergekit ... requires mergekit..., which is not installed".
             "$VENV/bin/python" -m pip install -q --no-deps "$MERGEKITTY"
             mapfile -t kitty_requirements < <(requirements_of mergekitty "" torch)
             install_package_without_mergekit "${kitty_requirements[@]}" transformers==5.3.0
