@@ -71,36 +71,36 @@ BASE = "merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {other}\
 
 def test_problems_are_listed_together_and_exit_2(workspace):
     root = workspace.root
-    local = root / "models"
+    local = root / "check-models"
     local.mkdir(exist_ok=True)
     if not (local / "xwin").exists():
         shutil.copytree(workspace.models / "xwin", local / "xwin")
-    recipe = write(root, "typo.yml", BASE.format(
-        method="nearswap_chian", base="./tiny-quartet/miqu", other="models/xwin", t=0.0001))
+    recipe = write(root, "check-typo.yml", BASE.format(
+        method="nearswap_chian", base="./tiny-quartet/miqu", other="check-models/xwin", t=0.0001))
     result = check(recipe, cwd=root)
     assert result.returncode == 2, result.stdout
     assert "merge_method 'nearswap_chian' is not a merge method of this mergekit (did you mean 'nearswap_chain'?)" in result.stdout
-    assert "write it as './models/xwin'" in result.stdout
-    missing = write(root, "missing.yml", BASE.format(
+    assert "write it as './check-models/xwin'" in result.stdout
+    missing = write(root, "check-missing.yml", BASE.format(
         method="nearswap_chain", base="./tiny-quartet/miqu", other="./tiny-quartet/nope", t=0.0001))
     result = check(missing, cwd=root)
     assert result.returncode == 2 and "model ./tiny-quartet/nope: no such folder" in result.stdout
 
 
 def test_a_large_t_warns_naming_the_card_but_runs(workspace):
-    recipe = write(workspace.root, "large-t.yml", BASE.format(
+    recipe = write(workspace.root, "check-large-t.yml", BASE.format(
         method="nearswap_chain", base="./tiny-quartet/miqu", other="./tiny-quartet/xwin", t=0.003))
     result = check(recipe, cwd=workspace.root)
     assert result.returncode == 0, result.stdout
     assert "warning: the recipe: t = 0.003 (model ./tiny-quartet/xwin) is >= 0.0025" in result.stdout
-    small = write(workspace.root, "small-t.yml", BASE.format(
+    small = write(workspace.root, "check-small-t.yml", BASE.format(
         method="nearswap_chain", base="./tiny-quartet/miqu", other="./tiny-quartet/xwin", t=0.0024))
     assert "warning" not in check(small, cwd=workspace.root).stdout
 
 
 def test_differing_vocabularies_need_tokenizer(workspace):
     root = workspace.root
-    padded = root / "xwin-padded"
+    padded = root / "check-xwin-padded"
     if not padded.exists():
         shutil.copytree(workspace.models / "xwin", padded)
         tensors = load_file(str(padded / "model.safetensors"))
@@ -113,18 +113,18 @@ def test_differing_vocabularies_need_tokenizer(workspace):
         config = json.loads((padded / "config.json").read_text())
         config["vocab_size"] += 2
         (padded / "config.json").write_text(json.dumps(config))
-    plain = write(root, "vocab.yml", BASE.format(
-        method="nearswap_chain", base="./tiny-quartet/miqu", other="./xwin-padded", t=0.0001))
+    plain = write(root, "check-vocab.yml", BASE.format(
+        method="nearswap_chain", base="./tiny-quartet/miqu", other="./check-xwin-padded", t=0.0001))
     result = check(plain, cwd=root)
-    assert result.returncode == 2 and "vocabularies differ (./tiny-quartet/miqu 320, ./xwin-padded 322): add `tokenizer:`" in result.stdout
-    aligned = write(root, "vocab-aligned.yml", (root / plain).read_text() + "tokenizer:\n  source: base\n")
+    assert result.returncode == 2 and "vocabularies differ (./tiny-quartet/miqu 320, ./check-xwin-padded 322): add `tokenizer:`" in result.stdout
+    aligned = write(root, "check-vocab-aligned.yml", (root / plain).read_text() + "tokenizer:\n  source: base\n")
     result = check(aligned, cwd=root)
     assert result.returncode == 0 and "`tokenizer:` aligns them" in result.stdout, result.stdout
 
 
 def test_an_environment_without_the_plugin_is_named(workspace):
     """With the start-up hook off, mergekit-yaml would not find the method: check says so."""
-    recipe = write(workspace.root, "plain.yml", BASE.format(
+    recipe = write(workspace.root, "check-plain.yml", BASE.format(
         method="nearswap_chain", base="./tiny-quartet/miqu", other="./tiny-quartet/xwin", t=0.0001))
     result = check(recipe, cwd=workspace.root, env={"NEARSWAP_MERGEKIT_NO_HOOK": "1"})
     assert result.returncode == 2
