@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import torch
 import yaml
 
+from nearswap_mergekit.reader import SAFETENSORS_DTYPES
 from nearswap_mergekit.spec import CARD_GARBAGE_T, METHOD_NAME, parse_threshold
 
 PROBLEM, WARNING, NOT_CHECKED, INFO = "problem", "warning", "not checked", "ok"
@@ -26,10 +28,6 @@ PROBLEM, WARNING, NOT_CHECKED, INFO = "problem", "warning", "not checked", "ok"
 #: user gives none: benchmarks/run.py on a 2-core Intel Xeon with a virtual disk.
 MEASURED_READ_RATE = 0.43e9
 MEASURED_ON = "a 2-core Intel Xeon reading from its virtual disk (benchmarks/run.py)"
-#: Element sizes of the dtypes a recipe's `dtype:` or a safetensors header names.
-DTYPE_BYTES = {"float32": 4, "F32": 4, "float16": 2, "F16": 2, "bfloat16": 2, "BF16": 2,
-               "float64": 8, "F64": 8, "int64": 8, "I64": 8, "int32": 4, "I32": 4,
-               "int8": 1, "I8": 1, "uint8": 1, "U8": 1, "bool": 1, "BOOL": 1}
 
 
 @dataclass
@@ -53,7 +51,9 @@ class Checkpoint:
         count = 1
         for size in shape:
             count *= size
-        return count * DTYPE_BYTES.get(dtype or stored, 2)
+        # A recipe's `dtype:` is a torch name; a header's, safetensors' (the reader's table).
+        element = getattr(torch, dtype) if dtype else SAFETENSORS_DTYPES[stored]
+        return count * element.itemsize
 
 
 @dataclass
