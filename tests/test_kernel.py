@@ -257,7 +257,17 @@ def test_property_matches_card_bitwise(data, t, block_size, backend):
     v0 = data.draw(hnp.arrays(np.float32, st.integers(1, 300), elements=float32_values))
     v1 = data.draw(hnp.arrays(np.float32, v0.shape, elements=float32_values))
     out = nearswap(torch.from_numpy(v0), torch.from_numpy(v1), t, block_size=block_size, backend=backend)
-    assert same_bits(out, torch.from_numpy(card_nearswap(t, v0, v1)))
+    expected = card_nearswap(t, v0, v1)
+    # Where both inputs are NaN, numpy itself returns either input's NaN depending on
+    # the position (its vector body and scalar tail differ), so there is no one answer:
+    # the kernel must give one of the two, quietened; every other position is bitwise.
+    both_nan = np.isnan(v0) & np.isnan(v1)
+    out_bits = out.numpy().view(np.uint32)
+    quiet = np.uint32(0x00400000)
+    either = (out_bits == (v0.view(np.uint32) | quiet)) | (out_bits == (v1.view(np.uint32) | quiet))
+    assert either[both_nan].all()
+    expected[both_nan] = out.numpy()[both_nan]
+    assert same_bits(out, torch.from_numpy(expected))
 
 
 @settings(max_examples=60, deadline=None)
