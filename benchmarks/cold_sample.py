@@ -40,7 +40,7 @@ from run import drop_page_cache, machine, recipes
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nearswap_mergekit import stats
+from nearswap_mergekit import sampling
 from nearswap_mergekit.reader import SafetensorsRows, safetensors_header
 from nearswap_mergekit.tiny import (QUARTET, TinyLlama, _llama_config, base_tensor,
                                     llama_tensor_shapes, secondary_tensor)
@@ -193,7 +193,7 @@ def read_ways(base: Path, work: Path, sample: float) -> dict:
     for shard in sorted(base.glob("*.safetensors")):
         for name in safetensors_header(str(shard)):
             rows = SafetensorsRows(str(shard), name)
-            drawn = stats.sample_rows(name, rows.rows, rows.row_len, sample)
+            drawn = sampling.sample_rows(name, rows.rows, rows.row_len, sample)
             runs = [(c * drawn.cluster_rows, min(drawn.cluster_rows, drawn.rows - c * drawn.cluster_rows))
                     for c in drawn.chosen]
             index = torch.cat([torch.arange(first, first + count) for first, count in runs])

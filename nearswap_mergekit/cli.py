@@ -210,7 +210,7 @@ def _check_ts(_ctx, _param, values):
 @contextlib.contextmanager
 def _reading(recipe: str):
     """Turn a failure while planning or reading into a one-line error that names the recipe."""
-    from nearswap_mergekit.stats import RecipeError
+    from nearswap_mergekit.planning import RecipeError
 
     try:
         yield
@@ -247,7 +247,7 @@ def _plan(recipe: str, flags: dict):
     _require_mergekit()
     from mergekit.options import MergeOptions
 
-    from nearswap_mergekit import stats
+    from nearswap_mergekit import planning
 
     chosen = {field: True for field, value in flags.items() if value}
     unknown = sorted(set(chosen) - set(MergeOptions.model_fields))
@@ -255,7 +255,7 @@ def _plan(recipe: str, flags: dict):
         flag = next(f for f, (field, _) in PLANNING_FLAGS.items() if field == unknown[0])
         raise click.UsageError(f"{flag} is not an option of the installed mergekit")
     with _reading(recipe):
-        jobs = stats.plan(stats.load_recipe(recipe), MergeOptions(**chosen))
+        jobs = planning.plan(planning.load_recipe(recipe), MergeOptions(**chosen))
     # What mergekit and transformers imported, and the plan, live until exit: keep
     # the collector from walking those few hundred thousand objects (about 0.3 s a
     # full pass) while the tensors are read.
@@ -418,7 +418,8 @@ CURVE_SPAN = 100.0
 def _calibration_curves(jobs, result: dict, sample: float, seed: int, progress: bool) -> list:
     """Per stage, its full-swap fraction on a log grid of t around its chosen t, with
     earlier stages at their chosen t (as calibrate searched): one more read pass."""
-    from nearswap_mergekit import stats as stats_module
+    from nearswap_mergekit.measuring import measure
+    from nearswap_mergekit.sampling import summarize
 
     chosen = [stage["t"] for stage in result["stages"]]
     grids = []
@@ -429,11 +430,11 @@ def _calibration_curves(jobs, result: dict, sample: float, seed: int, progress: 
         grids.append(sorted({*grid, t}))
     cases = [(k, t) for k, grid in enumerate(grids) for t in grid]
     settings = [lambda job, i, k=k, t=t: t if i == k else chosen[i] for k, t in cases]
-    measured = stats_module.measure(jobs, settings, sample, progress, seed=seed)
+    measured = measure(jobs, settings, sample, progress, seed=seed)
     curves = [{"t": [], "full_swap_fraction": []} for _ in chosen]
     for (k, t), stages in zip(cases, measured):
         curves[k]["t"].append(t)
-        fraction = stats_module.summarize(list(stages[k].values()))["full_swap_fraction"]
+        fraction = summarize(list(stages[k].values()))["full_swap_fraction"]
         curves[k]["full_swap_fraction"].append(fraction)
     return curves
 
@@ -463,8 +464,7 @@ def calibrate(recipe, target_swap, sample, seed, output_path, one_t, json_path, 
     mergekit-yaml quartet-0.8.yml OUT/
     """
     _hide_progress_bars(quiet)
-    from nearswap_mergekit import recipewriter
-    from nearswap_mergekit import stats as stats_module
+    from nearswap_mergekit import calibration, planning, recipewriter
 
     if one_t and not output_path:
         raise click.UsageError("--global says what -o writes; give -o RECIPE.yml too")
@@ -475,12 +475,12 @@ def calibrate(recipe, target_swap, sample, seed, output_path, one_t, json_path, 
         raise click.ClickException(f"{recipe}: no tensor has both a base and a secondary")
     if output_path:  # refuse a recipe that cannot be rewritten before the long part
         stages = max(len(job.stages) for job in jobs)
-        placeholder = {stats_module.stage_model(jobs, k): 0.0 for k in range(stages)}
+        placeholder = {planning.stage_model(jobs, k): 0.0 for k in range(stages)}
         with _rewriting():
             recipewriter.build_recipe(recipe, output_path, None if one_t else placeholder,
                                       0.0 if one_t else None)
     with _reading(recipe):
-        result = stats_module.calibrate(jobs, target_swap, sample, not quiet, seed)
+        result = calibration.calibrate(jobs, target_swap, sample, not quiet, seed)
     click.echo(f"\ntarget: {100 * target_swap:.3f}% fully swapped per pass")
     for index, stage in enumerate(result["stages"], 1):
         click.echo(
@@ -763,9 +763,8 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     _hide_progress_bars(quiet)
     import torch
 
+    from nearswap_mergekit import calibration, planning, recipewriter, scoring
     from nearswap_mergekit import ladder as laddering
-    from nearswap_mergekit import recipewriter, scoring
-    from nearswap_mergekit import stats as stats_module
 
     try:  # bad input first: nothing is planned, read or written before these pass
         contents = [scoring.read_text(path) for path in texts]
@@ -799,7 +798,7 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     options = MergeOptions(**{field: True for field, value in flags.items() if value})
     problem = None
     with _reading(recipe):
-        config = stats_module.load_recipe(recipe)
+        config = planning.load_recipe(recipe)
         try:
             output = laddering.output_model(config, options)
         except laddering.LadderError as error:  # _reading would take it for a failure
@@ -823,7 +822,7 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     targets = list(dict.fromkeys(targets))
     if targets:
         with _reading(recipe):
-            found = laddering.global_ts_for_targets(jobs, targets, not quiet)
+            found = calibration.global_ts_for_targets(jobs, targets, progress=not quiet)
         rungs += [laddering.global_rung(t, f"swap {100 * target:g}%") for target, (t, _) in zip(targets, found)]
     rungs.sort(key=lambda rung: rung.t)
     rungs = rungs or [laddering.recipe_rung(jobs)]

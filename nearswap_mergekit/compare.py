@@ -45,7 +45,7 @@ import torch
 from tqdm import tqdm
 
 from nearswap_mergekit import __version__
-from nearswap_mergekit.stats import sample_rows
+from nearswap_mergekit.sampling import sample_rows
 
 MANIFEST_FORMAT = "nearswap-mergekit-manifest/1"
 HASH_DEFINITION = (

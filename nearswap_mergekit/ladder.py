@@ -5,7 +5,7 @@ Each rung's model is transformers' own model, built on the meta device from the
 merged config (mergekit's output config: the base's, with the output
 vocabulary) and given accelerate's offload hooks, whose weights map merges each
 weight when the forward reaches its module: its inputs as mergekit's planner
-resolves them (`stats.plan`: per-model t, filters, gradients, dtype, and
+resolves them (`planning.plan`: per-model t, filters, gradients, dtype, and
 `tokenizer:` alignment through mergekit's own task), then the chain kernel with
 the rung's t, the job's rounding and dtype, then the recipe's `out_dtype`: the
 weight `mergekit-yaml` would write. Weights no job merges (passed through) are
@@ -34,9 +34,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from tqdm import tqdm
 
-from nearswap_mergekit import scoring, stats
+from nearswap_mergekit import planning, scoring, stats
 from nearswap_mergekit.kernel import nearswap_chain
-from nearswap_mergekit.stats import Setting, TensorJob
+from nearswap_mergekit.planning import Setting, TensorJob
 
 #: The label of the row every rung is compared with.
 BASE_LABEL = "base"
@@ -77,32 +77,13 @@ def global_rung(t: float, label: Optional[str] = None) -> Rung:
 def recipe_rung(jobs: Sequence[TensorJob]) -> Rung:
     """The recipe's own t; its t for the report where one t is used throughout."""
     values = {stage.t for job in jobs for stage in job.stages}
-    return Rung("recipe", values.pop() if len(values) == 1 else None, stats.recipe_t)
-
-
-def global_ts_for_targets(jobs: Sequence[TensorJob], targets: Sequence[float],
-                          progress: bool) -> List[Tuple[float, float]]:
-    """(global t, achieved mean full-swap fraction) per target: calibrate's search
-    for its global t (the mean over stages of each stage's full-swap fraction,
-    one t throughout), exact; fractions measured for one target serve the next."""
-    measured: Dict[float, float] = {}
-
-    def mean_fraction(candidates: List[float]) -> List[float]:
-        missing = [c for c in dict.fromkeys(candidates) if c not in measured]
-        if missing:
-            settings = [(lambda job, i, c=c: c) for c in missing]
-            for candidate, per_stage in zip(missing, stats.measure(jobs, settings, 1.0, progress)):
-                fractions = [stats.summarize(list(sums.values()))["full_swap_fraction"] for sums in per_stage]
-                measured[candidate] = sum(fractions) / len(fractions)
-        return [measured[c] for c in candidates]
-
-    return [stats._search(mean_fraction, target) for target in targets]
+    return Rung("recipe", values.pop() if len(values) == 1 else None, planning.recipe_t)
 
 
 def full_swap_fractions(recipe: str, jobs: Sequence[TensorJob], rungs: Sequence[Rung],
                         progress: bool) -> List[List[float]]:
     """Per rung, each stage's full-swap fraction as `stats` reports it (one read pass)."""
-    ts = [None if rung.setting is stats.recipe_t else rung.t for rung in rungs]
+    ts = [None if rung.setting is planning.recipe_t else rung.t for rung in rungs]
     report = stats.stats_report(recipe, jobs, ts, 1.0, progress)
     return [[stage["full_swap_fraction"] for stage in result["stages"]] for result in report["results"]]
 
@@ -144,7 +125,7 @@ def output_model(config, options) -> OutputModel:
 
     arch_info = get_architecture_info(config, options)
     # A copy: mergekit's model references cache their configs, which it edits here.
-    out_config = copy.deepcopy(stats.output_config(config, arch_info, options))
+    out_config = copy.deepcopy(planning.output_config(config, arch_info, options))
     # The planner builds its tokenizer task in its constructor: the same task the
     # merge runs, without planning anything.
     task = MergePlanner(config, arch_info, options=options, out_model_config=out_config)._tokenizer_task

@@ -19,7 +19,7 @@ pytestmark = mergekit_independent
 from safetensors.torch import load_file, save_file
 
 from nearswap_mergekit import compare
-from nearswap_mergekit.stats import sample_rows
+from nearswap_mergekit.sampling import sample_rows
 
 UP = "model.layers.0.mlp.up_proj.weight"
 EMBED = "model.embed_tokens.weight"

@@ -9,10 +9,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearswap_mergekit import stats
+from nearswap_mergekit import planning
 
-PACKAGE = str(Path(stats.__file__).parent)
-EXPLAINED = (ValueError, stats.RecipeError)  # pydantic's ValidationError is a ValueError
+PACKAGE = str(Path(planning.__file__).parent)
+EXPLAINED = (ValueError, planning.RecipeError)  # pydantic's ValidationError is a ValueError
 
 scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
@@ -91,7 +91,7 @@ def test_random_recipes_plan_or_fail_with_a_reason(workspace, monkeypatch):
         path = workspace.root / "fuzz.yml"
         path.write_text(yaml.safe_dump(recipe))
         try:
-            jobs = stats.plan(stats.load_recipe(str(path)))
+            jobs = planning.plan(planning.load_recipe(str(path)))
         except Exception as error:  # noqa: BLE001 - judged below
             outcomes[type(error).__name__] += 1
             messages.append(str(error)[-300:])
@@ -110,5 +110,5 @@ def test_random_recipes_plan_or_fail_with_a_reason(workspace, monkeypatch):
 def test_recipe_error_for_a_yaml_syntax_error(tmp_path):
     path = tmp_path / "broken.yml"
     path.write_text("merge_method: [unclosed\n")
-    with pytest.raises(stats.RecipeError, match="is not valid YAML"):
-        stats.load_recipe(str(path))
+    with pytest.raises(planning.RecipeError, match="is not valid YAML"):
+        planning.load_recipe(str(path))

@@ -7,8 +7,11 @@ import pytest
 import torch
 from conftest import mergekit_independent
 
-from nearswap_mergekit import nearswap_chain, stats
-from nearswap_mergekit.stats import Stage, TensorJob, measure, recipe_t, sample_rows, summarize
+from nearswap_mergekit import nearswap_chain, sampling
+from nearswap_mergekit.measuring import measure
+from nearswap_mergekit.planning import Stage, TensorJob, recipe_t
+from nearswap_mergekit.reader import TensorRows
+from nearswap_mergekit.sampling import sample_rows, summarize
 
 pytestmark = mergekit_independent
 T = 1e-3
@@ -33,7 +36,7 @@ def periodic_family(rows: int, period: int, cols: int = 64, stages: int = 3, see
 
 
 def job_of(models, name="model.layers.0.mlp.up_proj.weight"):
-    readers = {f"m{i}": stats.TensorRows(m) for i, m in enumerate(models)}
+    readers = {f"m{i}": TensorRows(m) for i, m in enumerate(models)}
     stages = [Stage(f"m{i}", T) for i in range(1, len(models))]
     return TensorJob(name, "m0", stages, torch.float32, True, readers)
 
@@ -51,7 +54,7 @@ KEYS = ("identical_fraction", "full_swap_fraction", "mean_abs_shift")
     "sample, drawn",
     # 16,384 rows make 1,024 runs of 16 rows: 1/32 draws 32 of them; 1/100 and
     # 1/128 draw the floor of 30; 1/4 draws 256.
-    [(1 / 32, 32), (1 / 100, stats.MIN_SAMPLED_CLUSTERS), (1 / 128, stats.MIN_SAMPLED_CLUSTERS),
+    [(1 / 32, 32), (1 / 100, sampling.MIN_SAMPLED_CLUSTERS), (1 / 128, sampling.MIN_SAMPLED_CLUSTERS),
      (1 / 4, 256)],
     ids=["1/32", "1/100 (floor)", "1/128 (floor)", "1/4"],
 )
@@ -73,7 +76,7 @@ def test_periodic_rows_cannot_alias_the_sample(period, sample, drawn):
 def test_sample_reads_runs_of_rows_and_the_share_asked_for():
     chosen = sample_rows("model.layers.0.mlp.up_proj.weight", 16384, 64, 0.05)
     assert not chosen.exact and chosen.cluster_rows == 16
-    assert len(chosen.chosen) == max(stats.MIN_SAMPLED_CLUSTERS, math.ceil(0.05 * chosen.clusters))
+    assert len(chosen.chosen) == max(sampling.MIN_SAMPLED_CLUSTERS, math.ceil(0.05 * chosen.clusters))
     assert len(chosen.chosen) == len(chosen.strata)
     assert sum(chosen.strata) == chosen.clusters
     assert chosen.rows_read == len(chosen.chosen) * chosen.cluster_rows  # whole runs of rows
@@ -153,11 +156,11 @@ def test_no_event_in_the_sample_is_reported_as_a_bound_not_as_certainty():
     assert sampled["identical_fraction"] == 0  # the one row was not drawn
     bound = sampled["identical_fraction_upper_95"]
     assert bound >= exact["identical_fraction"] and sampled["identical_fraction_se"] > 0
-    assert bound == pytest.approx(3 / stats.MIN_SAMPLED_CLUSTERS)  # the rule of three
+    assert bound == pytest.approx(3 / sampling.MIN_SAMPLED_CLUSTERS)  # the rule of three
     assert "identical_fraction_upper_95" not in exact
 
 
 def test_tiny_tensors_are_read_whole():
     job = job_of([torch.randn(5, 8), torch.randn(5, 8)])
     (sampled,) = stage_summaries(job, 0.01)
-    assert sampled["full_swap_fraction_se"] == 0 and stats.sample_rows("x", 5, 8, 0.01).exact
+    assert sampled["full_swap_fraction_se"] == 0 and sample_rows("x", 5, 8, 0.01).exact

@@ -10,7 +10,7 @@ import yaml
 from conftest import mergekit_independent
 from safetensors.torch import load_file, save_file
 
-from nearswap_mergekit import reader, stats
+from nearswap_mergekit import measuring, planning, reader, sampling
 from nearswap_mergekit.tiny import TinyLlama, build_family
 
 #: MLP tensors of 8192 rows of 256 (or 256 of 8192): a 3 % sample reads a few
@@ -33,7 +33,7 @@ def plan_family(root):
         "dtype": "float16",
     }))
     files = [paths[name] / "model.safetensors" for name in ("miqu", "xwin")]
-    return stats.plan(stats.load_recipe(str(recipe))), files
+    return planning.plan(planning.load_recipe(str(recipe))), files
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def sampled_runs(jobs, sample, seed=0):
     runs = []
     for job in jobs:
         base = job.readers[job.base_model]
-        drawn = stats.sample_rows(job.name, base.rows, base.row_len, sample, seed)
+        drawn = sampling.sample_rows(job.name, base.rows, base.row_len, sample, seed)
         for model in [base, *(job.readers[s.model] for s in job.stages)]:
             for cluster in drawn.chosen:
                 first = cluster * drawn.cluster_rows
@@ -64,7 +64,7 @@ def sampled_runs(jobs, sample, seed=0):
 
 
 def measure(jobs, sample):
-    return stats.measure(jobs, [stats.recipe_t], sample, progress=False)
+    return measuring.measure(jobs, [planning.recipe_t], sample, progress=False)
 
 
 def test_a_sample_asks_the_files_for_its_rows_bytes_and_no_more(planned):
