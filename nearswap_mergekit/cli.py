@@ -743,10 +743,13 @@ def _rung_recipe_name(recipe: str, label: str) -> str:
               "generated token is a full forward that reads and merges every weight again.")
 @click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1), metavar="N",
               help="Tokens generated per --prompt.")
+@click.option("--with-inputs", is_flag=True,
+              help="Also score each secondary alone (vocabulary-aligned, as the chain reads it): "
+              "reference rows, after the rungs.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_planning_options
 def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_path, plot_path,
-           recipes_dir, prompts, max_new_tokens, quiet, **flags):
+           recipes_dir, prompts, max_new_tokens, with_inputs, quiet, **flags):
     """Score a ladder of t on your own text, and write no model: per rung, the
     perplexity and bits per byte of each --text, the KL from the base and top-1
     agreement with it, and the full-swap fraction per stage.
@@ -834,8 +837,11 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
         max_new_tokens=max_new_tokens, progress=not quiet,
         full_swap={rung.label: fraction for rung, fraction in zip(rungs, fractions)},
     )
+    stages = max(len(job.stages) for job in jobs)
+    secondaries = dict.fromkeys(planning.stage_model(jobs, k) for k in range(stages))
+    references = [laddering.input_rung(model) for model in secondaries] if with_inputs else []
     try:
-        report = laddering.run(setup, rungs)
+        report = laddering.run(setup, rungs + references)
     except laddering.LadderError as error:
         raise _BadInput(str(error)) from None
     except Exception as error:  # unreadable inputs, out of memory, a model transformers cannot run

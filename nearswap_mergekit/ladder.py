@@ -53,11 +53,13 @@ class LadderError(ValueError):
 @dataclass
 class Rung:
     """One model of the ladder: a label, its t for the report (None for the base
-    row, or a recipe whose t varies), and each stage's t."""
+    row, a reference row, or a recipe whose t varies), and each stage's t; or, for a
+    reference row, the secondary it is alone."""
 
     label: str
     t: Optional[float]
-    setting: Setting
+    setting: Optional[Setting]
+    alone: Optional[str] = None
 
 
 def _zero(_job: TensorJob, _index: int) -> float:
@@ -72,6 +74,13 @@ def base_rung() -> Rung:
 
 def global_rung(t: float, label: Optional[str] = None) -> Rung:
     return Rung(label or f"t={t:g}", t, lambda _job, _index, t=t: t)
+
+
+def input_rung(model: str) -> Rung:
+    """A reference row: one secondary alone, each weight as the chain reads it
+    (vocabulary-aligned, in the recipe's dtype); where that model is not in a
+    weight's chain (and for weights no job merges), the base's, as in every rung."""
+    return Rung(f"alone: {model}", None, None, alone=model)
 
 
 def recipe_rung(jobs: Sequence[TensorJob]) -> Rung:
@@ -167,11 +176,14 @@ class Inputs:
     tensors: List[torch.Tensor]
     out_dtype: Optional[torch.dtype]
 
-    def merge(self, setting: Setting) -> torch.Tensor:
+    def merge(self, rung: Rung) -> torch.Tensor:
         if self.job is None:
             merged = self.tensors[0]
+        elif rung.alone is not None:
+            models = [stage.model for stage in self.job.stages]
+            merged = self.tensors[1 + models.index(rung.alone)] if rung.alone in models else self.tensors[0]
         else:
-            thresholds = [setting(self.job, k) for k in range(len(self.job.stages))]
+            thresholds = [rung.setting(self.job, k) for k in range(len(self.job.stages))]
             merged = nearswap_chain(self.tensors[0], self.tensors[1:], thresholds,
                                     round_stages=self.job.round_stages)
         # mergekit's writer casts to the recipe's out_dtype last.
@@ -321,10 +333,10 @@ class MergedWeights(Mapping):
     """accelerate's weights map for one rung's model: each weight merged when asked
     for, in the model's dtype, on its device."""
 
-    def __init__(self, names: Dict[str, str], setting: Setting, dtype: torch.dtype,
+    def __init__(self, names: Dict[str, str], rung: Rung, dtype: torch.dtype,
                  device: torch.device, held: MergedHoldings, merged: Callable[[], None]):
         self._names = names
-        self._setting, self._dtype, self._device = setting, dtype, device
+        self._rung, self._dtype, self._device = rung, dtype, device
         self._held, self._merged = held, merged
         self._seen: Counter = Counter()
         self.source: Optional[SharedInputs] = None
@@ -334,7 +346,7 @@ class MergedWeights(Mapping):
         occurrence = self._seen[name]
         self._seen[name] += 1
         inputs = self.source.get((source, occurrence))
-        tensor = inputs.merge(self._setting).to(device=self._device, dtype=self._dtype)
+        tensor = inputs.merge(self._rung).to(device=self._device, dtype=self._dtype)
         self._held.track(tensor)
         self._merged()
         return tensor
@@ -422,7 +434,7 @@ def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
 
     maps = []
     for party, model in zip(parties, models):
-        weights = MergedWeights(names, party.setting, setup.eval_dtype, setup.device, held, merged)
+        weights = MergedWeights(names, party, setup.eval_dtype, setup.device, held, merged)
         attach_align_device_hook(model, execution_device=setup.device, offload=True, weights_map=weights)
         maps.append(weights)
     scores = [[scoring.Score() for _ in setup.texts.paths] for _ in parties]

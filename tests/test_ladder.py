@@ -124,6 +124,22 @@ def test_every_rung_scores_as_the_stock_merge_and_nothing_is_written(quartet, tm
     assert 0 < report["peak_bytes_held"] < float32_model
 
 
+def test_with_inputs_adds_each_secondary_alone(quartet):
+    """--with-inputs: after the rungs, one reference row per secondary, scoring as that
+    checkpoint loaded from its folder (the quartet shares one vocabulary)."""
+    ws = quartet
+    ladder(ws, "quartet.yml", "--text", "notes.txt", "--t", "1e-3", "--context", "64",
+           "--with-inputs", "--json", "inputs.json", "--quiet")
+    report = json.loads((ws.root / "inputs.json").read_text())
+    secondaries = ["wintergoddess", "aurora-nights", "xwin"]
+    labels = [rung["label"] for rung in report["rungs"]]
+    assert labels == ["base", "t=0.001", *(f"alone: ./tiny-quartet/{name}" for name in secondaries)]
+    for name, row in zip(secondaries, report["rungs"][2:]):
+        assert row["t"] is None and row["full_swap"] is None
+        assert row["texts"][0]["kl_from_base"] > 0
+        assert_scores_as_loaded(row, ws.models / name, [NOTES], 64)
+
+
 @pytest.fixture(scope="module")
 def padded(tmp_path_factory):
     """float32 base and a secondary with its vocabulary reordered and padded by two."""
