@@ -19,9 +19,14 @@ on text every Debian machine with this Python has: the standard library's source
 The chain base <- child 1 <- child 2 <- child 3 is merged with `nearswap_chain`
 through mergekit's own `run_merge`, at t = 0 and at the global t that
 `stats.calibrate` suggests for each of the card's full-swap fractions per pass.
-Every model gets held-out perplexity per domain and a greedy continuation of one
-prompt; every rung gets its per-stage full-swap fraction from `stats`. mergekit's
-`linear` and `ties` merges of the same models are measured for context.
+Every model is scored on each domain's held-out text by the rule `nearswap-mergekit
+ladder` uses (`nearswap_mergekit.scoring`: windows of 128 positions, the BOS first; with
+one token per byte, perplexity per token is perplexity per byte) and gets a greedy
+continuation of one prompt; every rung gets its per-stage full-swap fraction from
+`stats`. mergekit's `linear` and `ties` merges of the same models are scored the same
+way for context. Then `nearswap-mergekit ladder` itself runs on the same chain and the
+same texts at the same t, writing no merge, and its NLL is checked against the written
+merges' (the table it prints is what the README shows).
 
 Writes quality.json, quality.png and quality.md (benchmarks/results/ by default).
 """
@@ -32,6 +37,7 @@ import json
 import logging
 import math
 import os
+import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -50,6 +56,8 @@ import click
 import numpy as np
 import torch
 import yaml
+
+from nearswap_mergekit import scoring
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -181,7 +189,9 @@ def build_corpus(sizes: Sizes) -> Dict[str, Dict[str, np.ndarray]]:
             raise click.ClickException(f"too little {domain} text on this machine")
         corpus[domain] = {
             "train": np.frombuffer(train_bytes, dtype=np.uint8),
-            "heldout": np.frombuffer(heldout_bytes, dtype=np.uint8),
+            # Text, as `ladder --text` reads it: bytes that are not UTF-8 (a character cut
+            # at a block's edge, a Latin-1 copyright file) are dropped.
+            "heldout": heldout_bytes.decode("utf-8", errors="ignore"),
         }
     return corpus
 
@@ -291,22 +301,14 @@ def train(model, corpus, mix: Dict[str, float], steps: int, lr: float, weight_de
 
 # ---------------------------------------------------------- measurement
 
-@torch.inference_mode()
-def perplexity(model, corpus, sizes: Sizes) -> Dict[str, float]:
-    """exp(mean next-byte NLL) over non-overlapping held-out windows, per domain."""
-    result = {}
-    for domain in DOMAINS:
-        ids = to_ids(corpus[domain]["heldout"])
-        windows = ids[: len(ids) // sizes.seq_len * sizes.seq_len].view(-1, sizes.seq_len)
-        total, count = 0.0, 0
-        for batch in windows.split(32):
-            logits = model(input_ids=batch).logits[:, :-1]
-            total += torch.nn.functional.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
-            ).item()
-            count += batch[:, 1:].numel()
-        result[domain] = math.exp(total / count)
-    return result
+def scores(model, tokenizer, corpus, sizes: Sizes) -> Dict[str, Dict]:
+    """Per domain, the held-out text scored by the ladder's rule (`scoring`)."""
+    texts = [corpus[d]["heldout"] for d in DOMAINS]
+    found = scoring.score_model(model, tokenizer, texts, context=sizes.seq_len, batch=64)
+    return {
+        d: score.report(d, len(text.encode("utf-8")))
+        for d, text, score in zip(DOMAINS, texts, found)
+    }
 
 
 @torch.inference_mode()
@@ -321,8 +323,17 @@ def continuation(model, sizes: Sizes) -> str:
 
 
 def evaluate(path: Path, corpus, sizes: Sizes) -> Dict:
+    from transformers import AutoTokenizer
+
     model = load(path)
-    return {"perplexity": perplexity(model, corpus, sizes), "sample": continuation(model, sizes)}
+    scored = scores(model, AutoTokenizer.from_pretrained(str(path)), corpus, sizes)
+    return {
+        "perplexity": {d: s["perplexity"] for d, s in scored.items()},
+        "bits_per_byte": {d: s["bits_per_byte"] for d, s in scored.items()},
+        "nll": {d: s["nll"] for d, s in scored.items()},
+        "tokens": {d: s["tokens"] for d, s in scored.items()},
+        "sample": continuation(model, sizes),
+    }
 
 
 def relative_distance(a: Path, b: Path) -> float:
@@ -399,6 +410,48 @@ def ladder(work: Path, base: Path, children: List[Path], corpus, sizes: Sizes) -
     return rungs
 
 
+def ladder_command(work: Path, base: Path, children: List[Path], corpus, sizes: Sizes,
+                   rungs: List[Dict]) -> Dict:
+    """Run `nearswap-mergekit ladder` on the chain and the held-out texts, at the card's
+    fractions as a user would ask for them, and check it against the written merges:
+    the same t, and the same NLL per rung and domain."""
+    texts = work / "texts"
+    texts.mkdir()
+    for domain in DOMAINS:
+        (texts / f"{domain}.txt").write_text(corpus[domain]["heldout"], encoding="utf-8")
+    recipe = work / "ladder.yml"
+    recipe.write_text(yaml.safe_dump(chain_recipe(base, children, 0.0), sort_keys=False))
+    arguments = ["ladder", "ladder.yml"]
+    arguments += [f for d in DOMAINS for f in ("--text", f"texts/{d}.txt")]
+    arguments += [f for _, target in CARD for f in ("--target-swap", f"{100 * target:g}%")]
+    arguments += ["--context", str(sizes.seq_len), "--batch", "64", "--json", "ladder.json"]
+    command = [str(Path(sys.executable).parent / "nearswap-mergekit"), *arguments, "--quiet"]
+    started = time.perf_counter()
+    result = subprocess.run(command, cwd=work, capture_output=True, text=True)
+    wall_s = time.perf_counter() - started
+    if result.returncode != 0:
+        raise click.ClickException(f"ladder failed:\n{result.stderr[-3000:]}")
+    found = json.loads((work / "ladder.json").read_text())
+    differences, t_pairs = [], []
+    for rung, written in zip(found["rungs"], rungs):
+        t_pairs.append((rung["t"], written["t"]))
+        for text, domain in zip(rung["texts"], DOMAINS):
+            reference = written["nll"][domain]
+            differences.append(abs(text["nll"] - reference) / abs(reference))
+    return {
+        "command": "nearswap-mergekit " + " ".join(arguments),
+        "table": result.stdout,
+        "stderr": result.stderr,
+        "same_t": all(a == b or (a is None and b == 0.0) for a, b in t_pairs),
+        "rungs": len(found["rungs"]),
+        "max_relative_nll_difference": max(differences),
+        "bytes_read": found["bytes_read"],
+        "peak_bytes_held": found["peak_bytes_held"],
+        "ladder_wall_s": found["wall_seconds"],
+        "command_wall_s": wall_s,
+    }
+
+
 def others(work: Path, ties_base: Path, models: List[Path], corpus, sizes: Sizes) -> List[Dict]:
     """mergekit's linear (equal weights) and ties over the same models."""
     linear = {
@@ -438,7 +491,7 @@ def study(work: Path, sizes: Sizes) -> Dict:
     started = time.perf_counter()
     corpus = build_corpus(sizes)
     say("corpus: " + ", ".join(
-        f"{d} {len(corpus[d]['train']) // 1000} KB train / {len(corpus[d]['heldout']) // 1000} KB held out"
+        f"{d} {len(corpus[d]['train']) // 1000} KB train / {len(corpus[d]['heldout'].encode()) // 1000} KB held out"
         for d in DOMAINS))
     tokenizer_dir = work / "tokenizer"
     tokenizer_dir.mkdir()
@@ -487,6 +540,11 @@ def study(work: Path, sizes: Sizes) -> Dict:
     (work / "far").mkdir()
     far_ladder = ladder(work / "far", base, far, corpus, sizes)
     far_others = others(work / "far", ancestor, [base, *far], corpus, sizes)
+    say("the same ladder through `nearswap-mergekit ladder` (no merge written)")
+    far_command = ladder_command(work / "far", base, far, corpus, sizes, far_ladder)
+    say(f"  {far_command['rungs']} rungs in {far_command['command_wall_s']:.1f} s; same t: "
+        f"{far_command['same_t']}; largest relative NLL difference from the written merges "
+        f"{far_command['max_relative_nll_difference']:.1e}")
     say("NearSwap ladder, children of the base (contrast)")
     (work / "near").mkdir()
     near_ladder = ladder(work / "near", base, near, corpus, sizes)
@@ -496,7 +554,8 @@ def study(work: Path, sizes: Sizes) -> Dict:
 
     return {
         "description": (
-            "Held-out perplexity (per byte) of a small Llama family trained on this machine, "
+            "Held-out perplexity (per byte; scored by nearswap_mergekit.scoring, the ladder's "
+            "rule) of a small Llama family trained on this machine, "
             "merged with nearswap_chain at the card's full-swap fractions per pass; "
             "'ladder' and 'others' merge children of the ancestor (far from the base), "
             "'contrast' children of the base itself."
@@ -515,7 +574,9 @@ def study(work: Path, sizes: Sizes) -> Dict:
             "card": [{"t": t, "full_swap_fraction": f} for t, f in CARD],
             "prompt": PROMPT,
             "merge_dtype": "float32",
-            "corpus_bytes": {d: {k: int(len(v)) for k, v in corpus[d].items()} for d in DOMAINS},
+            "corpus_bytes": {d: {"train": int(len(corpus[d]["train"])),
+                                 "heldout": len(corpus[d]["heldout"].encode("utf-8"))}
+                             for d in DOMAINS},
         },
         "environment": {
             "python": sys.version.split()[0],
@@ -528,6 +589,7 @@ def study(work: Path, sizes: Sizes) -> Dict:
         "models": family,
         "ladder": far_ladder,
         "others": far_others,
+        "ladder_command": far_command,
         "contrast": {"models": contrast_models, "ladder": near_ladder, "others": near_others},
         "_wall_s": time.perf_counter() - started,  # popped before writing: the JSON is deterministic
     }
@@ -590,6 +652,7 @@ def markdown(report: Dict, wall_s: float, quick: bool) -> str:
     env = report["environment"]
     settings = report["settings"]
     dist = report["distances"]
+    command = report["ladder_command"]
     far = table(report["models"], report["ladder"], report["others"], report["models"]["ancestor"])
     near = table(report["contrast"]["models"], report["contrast"]["ladder"],
                  report["contrast"]["others"])
@@ -611,7 +674,9 @@ def markdown(report: Dict, wall_s: float, quick: bool) -> str:
         f"torch {env['torch']}, mergekit {env['mergekit']}; {wall_s / 60:.1f} min on "
         f"{os.cpu_count()} cores). Rungs: t = 0 and the global t that `calibrate` suggests "
         "for each of the card's full-swap fractions per pass; full swap % per stage (and "
-        "their mean) from `stats`.",
+        "their mean) from `stats`. Scored by the rule `nearswap-mergekit ladder` uses "
+        f"(`nearswap_mergekit/scoring.py`; windows of {settings['sizes']['seq_len']} positions, "
+        "the BOS first; one token per byte, so perplexity per token is per byte).",
         "",
         f"Relative weight distance (L2, all weights): base from ancestor "
         f"{dist['base_from_ancestor']:.3f}; children from ancestor "
@@ -632,6 +697,22 @@ def markdown(report: Dict, wall_s: float, quick: bool) -> str:
         f"{TIES['density']}, weight {TIES['weight']}, normalize, base_model the ancestor "
         "(contrast: the base, the children's parent, with the three children). "
         "All merges float32, through mergekit's `run_merge`.",
+        "",
+        "## The same ladder, from `nearswap-mergekit ladder`",
+        "",
+        "The children of the ancestor, the held-out texts as files, the card's fractions "
+        "asked for as a user would (no merge written):",
+        "",
+        "```",
+        f"$ {command['command']}",
+        command["table"].strip(),
+        "```",
+        "",
+        f"Its t {'equal' if command['same_t'] else 'DIFFER FROM'} the written merges'; its NLL "
+        f"per rung and text differs from theirs by {command['max_relative_nll_difference']:.1e} "
+        f"relative at most. {command['rungs']} rungs in {command['command_wall_s']:.1f} s "
+        f"(the ladder's own wall time {command['ladder_wall_s']:.1f} s), "
+        f"{command['bytes_read'] / 1e6:.1f} MB read from the inputs.",
         "",
         f"## Greedy continuations of `{json.dumps(PROMPT)[1:-1]}`",
         "",
@@ -712,6 +793,8 @@ def main(quick, out, work, quiet):
     QUIET = quiet
     torch.set_num_threads(2)  # same reductions, same bits, on any machine
     logging.getLogger("mergekit").setLevel(logging.ERROR)
+    # The study merges at t >= 0.0025 on purpose: the large-t warning is for users.
+    logging.getLogger("nearswap_mergekit").setLevel(logging.ERROR)
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -59,5 +59,11 @@ def test_quick_quality_study(tmp_path):
     check_family(report["contrast"], domains)
     # Both families share the base.
     assert report["contrast"]["models"]["base"] == report["models"]["base"]
+    # `nearswap-mergekit ladder` on the same chain and texts, asked for the card's
+    # fractions: the t calibrate found for the written merges, and their NLL.
+    command = report["ladder_command"]
+    assert command["rungs"] == 1 + len(CARD_FRACTIONS)
+    assert command["same_t"]
+    assert command["max_relative_nll_difference"] <= 1e-6
     assert out.with_suffix(".png").stat().st_size > 0
     assert "| nearswap |" in out.with_suffix(".md").read_text()
