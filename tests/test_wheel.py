@@ -136,3 +136,9 @@ def test_demo_and_a_merge_with_the_printed_recipe(fresh):
     assert all(same_bits(demo_out[name], printed_out[name]) for name in demo_out)
     stats = run(fresh, "nearswap-mergekit", "stats", "printed.yml", "--quiet", cwd=workdir)
     assert "full swap" in stats.stdout and not problems_from_this_package(stats.stderr), stats.stderr
+    (workdir / "notes.txt").write_text("NearSwap keeps the base where the models differ. " * 20)
+    laddered = run(fresh, "nearswap-mergekit", "ladder", "printed.yml", "--text", "notes.txt",
+                   "--t", "1e-3", "--context", "64", "--with-inputs", cwd=workdir)
+    rows = [line.split()[0] for line in laddered.stdout.splitlines()[3:7]]
+    assert rows == ["base", "t=0.001", "alone:", "alone:"], laddered.stdout
+    assert not problems_from_this_package(laddered.stderr), laddered.stderr
