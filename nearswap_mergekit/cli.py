@@ -829,13 +829,10 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
         rungs += [laddering.global_rung(t, f"swap {100 * target:g}%") for target, (t, _) in zip(targets, found)]
     rungs.sort(key=lambda rung: rung.t)
     rungs = rungs or [laddering.recipe_rung(jobs)]
-    with _reading(recipe):
-        fractions = laddering.full_swap_fractions(recipe, jobs, rungs, not quiet)
     setup = laddering.LadderRun(
         recipe=recipe, config=config, jobs=jobs, output=output, texts=text_set, context=context,
         batch=batch, device=execution, eval_dtype=getattr(torch, eval_dtype), prompts=prompts,
         max_new_tokens=max_new_tokens, progress=not quiet,
-        full_swap={rung.label: fraction for rung, fraction in zip(rungs, fractions)},
     )
     stages = max(len(job.stages) for job in jobs)
     secondaries = dict.fromkeys(planning.stage_model(jobs, k) for k in range(stages))

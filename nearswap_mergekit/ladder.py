@@ -21,6 +21,7 @@ nothing merged outlives the module that used it.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import threading
 import time
@@ -28,7 +29,7 @@ import weakref
 from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -89,12 +90,58 @@ def recipe_rung(jobs: Sequence[TensorJob]) -> Rung:
     return Rung("recipe", values.pop() if len(values) == 1 else None, planning.recipe_t)
 
 
-def full_swap_fractions(recipe: str, jobs: Sequence[TensorJob], rungs: Sequence[Rung],
-                        progress: bool) -> List[List[float]]:
-    """Per rung, each stage's full-swap fraction as `stats` reports it (one read pass)."""
-    ts = [None if rung.setting is planning.recipe_t else rung.t for rung in rungs]
-    report = stats.stats_report(recipe, jobs, ts, 1.0, progress)
-    return [[stage["full_swap_fraction"] for stage in result["stages"]] for result in report["results"]]
+class SwapCounts:
+    """Each chain rung's counts per stage and tensor, the ones `stats` reports, taken
+    from the inputs the ladder reads anyway (a separate pass would read them all
+    once more): the first time a weight's inputs are read, its rows go through the
+    kernel's row statistics at each rung's t, in blocks, as `stats` reads them."""
+
+    def __init__(self, rungs: Sequence[Rung], stages: int):
+        self.rungs = [rung for rung in rungs if rung.setting is not None and rung.alone is None]
+        self.stages = stages
+        self._sums = [[{} for _ in range(stages)] for _ in self.rungs]
+        self._lock = threading.Lock()
+        self._taken = set()
+
+    def add(self, job: TensorJob, tensors: Sequence[torch.Tensor]) -> None:
+        from nearswap_mergekit.kernel import chain_with_row_stats
+        from nearswap_mergekit.measuring import BLOCK_ELEMENTS
+        from nearswap_mergekit.sampling import RowSums, sample_rows
+
+        with self._lock:
+            if job.name in self._taken or not self.rungs:
+                return
+            self._taken.add(job.name)
+        shape = tensors[0].shape
+        row_len = math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+        rows = [tensor.reshape(-1, row_len) for tensor in tensors]
+        # As `stats` computes: in the recipe's dtype, else the inputs' promoted one.
+        dtype = job.dtype or functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+        totals = torch.zeros((len(self.rungs), len(RowSums.FIELDS), len(job.stages)), dtype=torch.float64)
+        step = max(1, BLOCK_ELEMENTS // max(row_len, 1))
+        for low in range(0, rows[0].shape[0], step):
+            v0, *secondaries = (r[low : low + step].to(dtype).contiguous() for r in rows)
+            for index, rung in enumerate(self.rungs):
+                thresholds = [rung.setting(job, k) for k in range(len(job.stages))]
+                counted = chain_with_row_stats(v0, secondaries, thresholds, round_stages=job.round_stages)
+                totals[index] += torch.stack([values.to(torch.float64).sum(1).cpu() for values in counted])
+        sample = sample_rows(job.name, rows[0].shape[0], row_len, 1.0)
+        with self._lock:
+            for index in range(len(self.rungs)):
+                for k in range(len(job.stages)):
+                    self._sums[index][k][job.name] = RowSums(sample, row_len, totals[index, :, k].tolist())
+
+    def missing(self, jobs: Sequence[TensorJob]) -> List[str]:
+        """The jobs no forward has read (the model never asks for them)."""
+        return [job.name for job in jobs if job.name not in self._taken]
+
+    def fractions(self, jobs: Sequence[TensorJob]) -> Dict[str, List[float]]:
+        """Rung label -> each stage's full-swap fraction, as `stats` reports it."""
+        return {
+            rung.label: [stats.stage_report(jobs, self._sums[index][k], k, rung.setting)["full_swap_fraction"]
+                         for k in range(self.stages)]
+            for index, rung in enumerate(self.rungs)
+        }
 
 
 def execution_device(name: str) -> torch.device:
@@ -201,10 +248,12 @@ class InputReader:
     tensor whole (vocabulary-aligned ones through mergekit's task); counts the bytes
     asked of the input files."""
 
-    def __init__(self, jobs: Sequence[TensorJob], config, names: Dict[str, str], device: torch.device):
+    def __init__(self, jobs: Sequence[TensorJob], config, names: Dict[str, str], device: torch.device,
+                 counts: Optional[SwapCounts] = None):
         from nearswap_mergekit.reader import find_rows
 
         self.jobs = {job.name: job for job in jobs}
+        self.counts = counts
         self.device = device
         self.dtype = getattr(torch, config.dtype) if config.dtype else None
         self.out_dtype = getattr(torch, config.out_dtype) if config.out_dtype else None
@@ -236,6 +285,8 @@ class InputReader:
             for reader in readers.values():
                 reader.release()
         self._count(sum(_file_bytes(reader) for reader in job.readers.values()))
+        if self.counts is not None:
+            self.counts.add(job, tensors)
         return Inputs(job, tensors, self.out_dtype)
 
     def _tensor(self, reader, dtype: Optional[torch.dtype]) -> torch.Tensor:
@@ -410,7 +461,6 @@ class LadderRun:
     prompts: Sequence[str] = ()
     max_new_tokens: int = 32
     progress: bool = True
-    full_swap: Dict[str, Optional[List[float]]] = field(default_factory=dict)
 
 
 def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
@@ -421,7 +471,8 @@ def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
     parties = [base_rung(), *rungs]
     models = [empty_model(setup.output.config, setup.eval_dtype) for _ in parties]
     names = weight_sources(models[0], [job.name for job in setup.jobs])
-    reader = InputReader(setup.jobs, setup.config, names, setup.device)
+    counts = SwapCounts(rungs, max(len(job.stages) for job in setup.jobs))
+    reader = InputReader(setup.jobs, setup.config, names, setup.device, counts)
     groups = scoring.batches(setup.texts.windows, setup.batch)
     held = MergedHoldings()
     bar = tqdm(total=len(groups) * len(parties) * len(names), unit="tensors", desc="merging",
@@ -469,6 +520,9 @@ def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
                 scoring.add_batch(scores[index], group, outcomes[index], base_logp)
                 outcomes[index] = None  # let go of this rung's log-probabilities
     bar.close()
+    for name in counts.missing(setup.jobs):  # planned, but no forward asked for it
+        reader(name)
+    full_swap = counts.fractions(setup.jobs)
     bytes_scoring = reader.bytes_read
     continuations = _continue_prompts(setup, parties, models, maps, reader) if setup.prompts else None
     report_rungs = []
@@ -476,7 +530,7 @@ def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
         row = {
             "label": party.label,
             "t": party.t,
-            "full_swap": setup.full_swap.get(party.label),
+            "full_swap": full_swap.get(party.label),
             "texts": [score.report(path, size) for score, path, size
                       in zip(per_text, setup.texts.paths, setup.texts.sizes)],
         }

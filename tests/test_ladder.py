@@ -134,6 +134,13 @@ def test_with_inputs_adds_each_secondary_alone(quartet):
     secondaries = ["wintergoddess", "aurora-nights", "xwin"]
     labels = [rung["label"] for rung in report["rungs"]]
     assert labels == ["base", "t=0.001", *(f"alone: ./tiny-quartet/{name}" for name in secondaries)]
+    # The full-swap column, taken from the reads the ladder makes anyway, is the
+    # one `stats` reports from a pass of its own.
+    stats = run_cli("nearswap-mergekit", "stats", "quartet.yml", "--t", "1e-3", "--json", "stats.json",
+                    "--quiet", cwd=ws.root, check=True)
+    assert stats.returncode == 0
+    stages = json.loads((ws.root / "stats.json").read_text())["results"][0]["stages"]
+    assert report["rungs"][1]["full_swap"] == [stage["full_swap_fraction"] for stage in stages]
     for name, row in zip(secondaries, report["rungs"][2:]):
         assert row["t"] is None and row["full_swap"] is None
         assert row["texts"][0]["kl_from_base"] > 0
