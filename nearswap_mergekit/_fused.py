@@ -242,7 +242,15 @@ def _in_parallel(work, n: int, grain: int, cost_per_item: int = 1) -> None:
             _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="nearswap")
     step = -(-n // workers)
     step += -step % grain
-    futures = [_pool.submit(work, start, min(start + step, n)) for start in range(0, n, step)]
+    # The caller's inference mode goes with the work: a worker thread starts outside
+    # it, and writing into a tensor made inside it would raise there.
+    inference = torch.is_inference_mode_enabled()
+
+    def run(start: int, stop: int) -> None:
+        with torch.inference_mode(inference):
+            work(start, stop)
+
+    futures = [_pool.submit(run, start, min(start + step, n)) for start in range(0, n, step)]
     for future in futures:
         future.result()
 

@@ -1,5 +1,7 @@
 """The pure-torch kernel against the card's numpy formula, bit for bit."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -307,3 +309,20 @@ def test_row_statistics_agree_between_paths_and_with_the_chain(dtype):
         assert torch.equal(fused[0][k], (a == secondary).sum(1))
         assert torch.equal(fused[2][k], moved.sum(1))
         a = result
+
+
+@needs_fused
+def test_row_statistics_in_inference_mode_on_the_parallel_path():
+    """`ladder` counts swaps inside its forwards' inference mode, with tensors large
+    enough for the fused kernel's worker threads: they must write there too."""
+    from nearswap_mergekit.kernel import chain_with_row_stats
+
+    if min(torch.get_num_threads(), os.cpu_count() or 1) < 2:
+        pytest.skip("one thread: the fused kernel does not split the work")
+    base, *secondaries = quartet(torch.bfloat16, shape=(256, 4096), seed=3)
+    ts = [1e-4, 1e-3, 1e-2]
+    assert base.numel() * len(secondaries) >= _fused.PARALLEL_MIN * 2  # several workers
+    outside = chain_with_row_stats(base, secondaries, ts, backend="fused")
+    with torch.inference_mode():
+        inside = chain_with_row_stats(base, secondaries, ts, backend="fused")
+    assert all(torch.equal(a, b) for a, b in zip(inside, outside))

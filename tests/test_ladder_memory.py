@@ -1,0 +1,102 @@
+"""`nearswap-mergekit ladder` holds a module's weights at a time, not the model's: the
+peak anonymous memory (RssAnon) of a ladder over a 4-layer family is within one
+layer's inputs of the same ladder over a 2-layer family of the same shapes."""
+
+import json
+import math
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import BIN
+
+from nearswap_mergekit.tiny import QUARTET, TinyLlama, _llama_config, build_family, llama_tensor_shapes
+
+#: Layers of 1024 x 2816 MLP matrices: one layer's inputs (four float16 models) are
+#: 90 MiB, several times the 3-14 MiB by which the two peaks differ from run to run
+#: (also with other jobs on every core), and a ladder that kept what it merged would
+#: hold about three times that more on the deeper family.
+SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=4)
+LAYERS = (2, 4)
+TS = ("1e-4", "1e-3")
+TEXT = "Once upon a time the four winds told a story to the sea and the sky. " * 3
+#: RssAnon is polled this often: a module's merged weights live for tens of
+#: milliseconds here, so every run sees its peak many times over.
+POLL_S = 0.002
+#: glibc serves blocks under its mmap threshold from per-thread heaps and keeps them
+#: when freed; the threshold rises (up to 32 MiB) with every larger block freed, so
+#: it ends above every tensor of this family, and RssAnon then grows with the number
+#: of allocations, by about 30 MB per layer here (a 70B's tensors are mostly above
+#: 32 MiB and are returned when freed). A fixed threshold makes RssAnon follow what
+#: the ladder holds.
+ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+
+
+def layer_input_bytes(spec: TinyLlama) -> int:
+    """One decoder layer's weights in all four models, as stored."""
+    shapes = llama_tensor_shapes(_llama_config(spec, vocab_size=320))
+    layer = sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("model.layers.0."))
+    return len(QUARTET) * layer * torch.empty((), dtype=spec.dtype).element_size()
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    """The quartet with 2 and with 4 layers (same shapes), a recipe for each, and a text."""
+    root = tmp_path_factory.mktemp("ladder-memory")
+    (root / "story.txt").write_text(TEXT, encoding="utf-8")
+    recipes = {}
+    for layers in LAYERS:
+        models = build_family(root / f"quartet-{layers}L", QUARTET, TinyLlama(num_hidden_layers=layers, **SHAPE))
+        base, *secondaries = (str(models[name]) for name in QUARTET)
+        recipes[layers] = root / f"quartet-{layers}L.yml"
+        recipes[layers].write_text(yaml.safe_dump({
+            "merge_method": "nearswap_chain", "base_model": base,
+            "models": [{"model": path} for path in secondaries],
+            "parameters": {"t": 1e-4}, "dtype": "float16",
+        }, sort_keys=False))
+    return root, recipes
+
+
+def rss_anon(pid: int) -> int:
+    """The process's anonymous resident memory in bytes; 0 once it is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon:")), 0)
+
+
+def ladder_peak_anon(root: Path, recipe: Path) -> int:
+    """Run the ladder in a subprocess; the peak of its RssAnon, polled."""
+    args = [str(BIN / "nearswap-mergekit"), "ladder", str(recipe), "--text", "story.txt", "--quiet",
+            "--json", f"{recipe.stem}.json"]
+    for t in TS:
+        args += ["--t", t]
+    process = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", **ALLOCATOR})
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, rss_anon(process.pid))
+        time.sleep(POLL_S)
+    assert process.returncode == 0, process.stderr.read().decode()
+    report = json.loads((root / f"{recipe.stem}.json").read_text())
+    assert len(report["rungs"]) == 1 + len(TS) and report["bytes_read"] > 0
+    return peak
+
+
+def test_peak_memory_does_not_grow_with_depth(families):
+    """Two more layers add less than one layer's inputs to the peak (RssAnon); a ladder
+    that held every merged weight would add about three (three rows of float32 copies
+    of two layers)."""
+    root, recipes = families
+    bound = layer_input_bytes(TinyLlama(**SHAPE))
+    shallow, deep = (ladder_peak_anon(root, recipes[layers]) for layers in LAYERS)
+    mib = 2**20
+    assert deep - shallow < bound, (
+        f"peak RssAnon {shallow / mib:.0f} MiB with {LAYERS[0]} layers, {deep / mib:.0f} MiB with "
+        f"{LAYERS[1]}: {(deep - shallow) / mib:.0f} MiB more, one layer's inputs are {bound / mib:.0f} MiB"
+    )
