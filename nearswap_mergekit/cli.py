@@ -679,11 +679,12 @@ def _check_ladder_method(recipe: str) -> None:
 def _ladder_table(report: dict) -> list:
     """The report as one table per text."""
     lines = []
+    width = max(14, *(len(rung["label"]) for rung in report["rungs"]))
     for index, text in enumerate(report["texts"]):
         lines += [
             "",
             f"{text['path']}: {text['bytes']:,} bytes, {text['tokens']:,} tokens, context {report['context']}",
-            f"{'rung':<14}  {'t':>9}  {'full swap':>9}  {'perplexity':>10}  {'bits/byte':>9}  "
+            f"{'rung':<{width}}  {'t':>9}  {'full swap':>9}  {'perplexity':>10}  {'bits/byte':>9}  "
             f"{'KL from base':>12}  {'top-1 agree':>11}",
         ]
         for rung in report["rungs"]:
@@ -692,7 +693,7 @@ def _ladder_table(report: dict) -> list:
             swap_text = f"{100 * sum(swap) / len(swap):8.3f}%" if swap else f"{'':>9}"
             t_text = f"{rung['t']:>9.3g}" if rung["t"] is not None else f"{'':>9}"
             lines.append(
-                f"{rung['label']:<14}  {t_text}  {swap_text}  {scores['perplexity']:>10.4f}  "
+                f"{rung['label']:<{width}}  {t_text}  {swap_text}  {scores['perplexity']:>10.4f}  "
                 f"{scores['bits_per_byte']:>9.5f}  {scores['kl_from_base']:>12.3e}  "
                 f"{100 * scores['top1_agreement']:>10.2f}%"
             )
@@ -725,8 +726,8 @@ def _rung_recipe_name(recipe: str, label: str) -> str:
               "max_position_embeddings where smaller).")
 @click.option("--batch", type=click.IntRange(min=1), metavar="N",
               help="Windows per forward (default: all windows of one length at once). The base "
-              "row and each rung hold their batch's log-probabilities until it is scored: "
-              "(rungs + 1) x N x context x vocabulary x 4 bytes.")
+              "row, each rung and each --with-inputs row hold their batch's log-probabilities until "
+              "it is scored: rows x N x context x vocabulary x 4 bytes.")
 @click.option("--eval-dtype", type=click.Choice(EVAL_DTYPES),
               help="dtype the model runs in (default: float32 on the CPU, the recipe's dtype "
               "on CUDA); the log-softmax is float32 whatever it is.")
@@ -745,7 +746,7 @@ def _rung_recipe_name(recipe: str, label: str) -> str:
               help="Tokens generated per --prompt.")
 @click.option("--with-inputs", is_flag=True,
               help="Also score each secondary alone (vocabulary-aligned, as the chain reads it): "
-              "reference rows, after the rungs.")
+              "reference rows, after the rungs, in the table and --json (not in --plot).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @_planning_options
 def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_path, plot_path,
@@ -834,8 +835,9 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
         batch=batch, device=execution, eval_dtype=getattr(torch, eval_dtype), prompts=prompts,
         max_new_tokens=max_new_tokens, progress=not quiet,
     )
-    stages = max(len(job.stages) for job in jobs)
-    secondaries = dict.fromkeys(planning.stage_model(jobs, k) for k in range(stages))
+    # Every secondary of any tensor's chain, in chain order (slices may give a stage
+    # to different models in different layers).
+    secondaries = dict.fromkeys(stage.model for job in jobs for stage in job.stages)
     references = [laddering.input_rung(model) for model in secondaries] if with_inputs else []
     try:
         report = laddering.run(setup, rungs + references)

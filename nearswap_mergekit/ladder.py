@@ -21,7 +21,6 @@ nothing merged outlives the module that used it.
 from __future__ import annotations
 
 import copy
-import functools
 import math
 import threading
 import time
@@ -30,14 +29,17 @@ from collections import Counter
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import torch
 from tqdm import tqdm
 
 from nearswap_mergekit import planning, scoring, stats
-from nearswap_mergekit.kernel import nearswap_chain
+from nearswap_mergekit.kernel import chain_with_row_stats, nearswap_chain
+from nearswap_mergekit.measuring import BLOCK_ELEMENTS, compute_dtype
 from nearswap_mergekit.planning import Setting, TensorJob
+from nearswap_mergekit.reader import find_rows, row_length
+from nearswap_mergekit.sampling import RowSums, sample_rows
 
 #: The label of the row every rung is compared with.
 BASE_LABEL = "base"
@@ -61,6 +63,10 @@ class Rung:
     t: Optional[float]
     setting: Optional[Setting]
     alone: Optional[str] = None
+
+    def __post_init__(self):
+        if (self.setting is None) == (self.alone is None):
+            raise ValueError(f"rung {self.label!r}: give a setting of t, or the secondary it is alone")
 
 
 def _zero(_job: TensorJob, _index: int) -> float:
@@ -97,26 +103,20 @@ class SwapCounts:
     kernel's row statistics at each rung's t, in blocks, as `stats` reads them."""
 
     def __init__(self, rungs: Sequence[Rung], stages: int):
-        self.rungs = [rung for rung in rungs if rung.setting is not None and rung.alone is None]
+        self.rungs = [rung for rung in rungs if rung.setting is not None]
         self.stages = stages
         self._sums = [[{} for _ in range(stages)] for _ in self.rungs]
         self._lock = threading.Lock()
-        self._taken = set()
+        self._taken: Set[str] = set()
 
     def add(self, job: TensorJob, tensors: Sequence[torch.Tensor]) -> None:
-        from nearswap_mergekit.kernel import chain_with_row_stats
-        from nearswap_mergekit.measuring import BLOCK_ELEMENTS
-        from nearswap_mergekit.sampling import RowSums, sample_rows
-
         with self._lock:
             if job.name in self._taken or not self.rungs:
                 return
             self._taken.add(job.name)
-        shape = tensors[0].shape
-        row_len = math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+        row_len = row_length(tensors[0].shape)
         rows = [tensor.reshape(-1, row_len) for tensor in tensors]
-        # As `stats` computes: in the recipe's dtype, else the inputs' promoted one.
-        dtype = job.dtype or functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+        dtype = compute_dtype(job, [tensor.dtype for tensor in tensors])
         totals = torch.zeros((len(self.rungs), len(RowSums.FIELDS), len(job.stages)), dtype=torch.float64)
         step = max(1, BLOCK_ELEMENTS // max(row_len, 1))
         for low in range(0, rows[0].shape[0], step):
@@ -132,8 +132,9 @@ class SwapCounts:
                     self._sums[index][k][job.name] = RowSums(sample, row_len, totals[index, :, k].tolist())
 
     def missing(self, jobs: Sequence[TensorJob]) -> List[str]:
-        """The jobs no forward has read (the model never asks for them)."""
-        return [job.name for job in jobs if job.name not in self._taken]
+        """The jobs no forward has read (the model never asks for them), where a rung
+        needs their counts."""
+        return [job.name for job in jobs if job.name not in self._taken] if self.rungs else []
 
     def fractions(self, jobs: Sequence[TensorJob]) -> Dict[str, List[float]]:
         """Rung label -> each stage's full-swap fraction, as `stats` reports it."""
@@ -250,8 +251,6 @@ class InputReader:
 
     def __init__(self, jobs: Sequence[TensorJob], config, names: Dict[str, str], device: torch.device,
                  counts: Optional[SwapCounts] = None):
-        from nearswap_mergekit.reader import find_rows
-
         self.jobs = {job.name: job for job in jobs}
         self.counts = counts
         self.device = device
@@ -520,10 +519,11 @@ def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
                 scoring.add_batch(scores[index], group, outcomes[index], base_logp)
                 outcomes[index] = None  # let go of this rung's log-probabilities
     bar.close()
+    bytes_scoring = reader.bytes_read
     for name in counts.missing(setup.jobs):  # planned, but no forward asked for it
         reader(name)
     full_swap = counts.fractions(setup.jobs)
-    bytes_scoring = reader.bytes_read
+    bytes_counting = reader.bytes_read - bytes_scoring
     continuations = _continue_prompts(setup, parties, models, maps, reader) if setup.prompts else None
     report_rungs = []
     for index, (party, per_text) in enumerate(zip(parties, scores)):
@@ -548,7 +548,9 @@ def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
         "peak_bytes_held": held.peak,
         # Bytes asked of the input files while scoring, and then for the prompts.
         "bytes_read": bytes_scoring,
-        "bytes_read_prompts": reader.bytes_read - bytes_scoring,
+        # For the full-swap column, of weights no forward asked for (usually none).
+        "bytes_read_counting": bytes_counting,
+        "bytes_read_prompts": reader.bytes_read - bytes_scoring - bytes_counting,
         "wall_seconds": time.perf_counter() - started,
     }
 

@@ -81,7 +81,7 @@ def _arithmetic(job, readers, settings, stages_limit) -> tuple:
     dtype computed in, rounding, and each stage's t under each setting."""
     count = len(job.stages[:stages_limit])
     base = readers[job.base_model]
-    dtype = job.dtype or _promoted([base, *(readers[s.model] for s in job.stages[:count])])
+    dtype = compute_dtype(job, [r.dtype for r in (base, *(readers[s.model] for s in job.stages[:count]))])
     ts = tuple(tuple(setting(job, k) for k in range(count)) for setting in settings)
     return base.row_len, dtype, job.round_stages, count, ts
 
@@ -223,9 +223,6 @@ def _read_together(members, key, settings, draw, results, bar) -> None:
                 )
 
 
-def _promoted(readers) -> torch.dtype:
-    dtype = None
-    for reader in readers:
-        current = reader.dtype
-        dtype = current if dtype is None else torch.promote_types(dtype, current)
-    return dtype
+def compute_dtype(job: TensorJob, dtypes: Sequence[torch.dtype]) -> torch.dtype:
+    """The dtype a job's rows are counted in: the recipe's, else its inputs' promoted one."""
+    return job.dtype or functools.reduce(torch.promote_types, dtypes)

@@ -25,7 +25,8 @@ _LAYER = re.compile(r"\.layers\.(\d+)\.")
 
 
 class RecipeError(ValueError):
-    """A recipe that stats cannot work on; the message says why and how to fix it."""
+    """A recipe that stats, calibrate or ladder cannot work on; the message says why
+    and how to fix it."""
 
 
 @dataclass

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path

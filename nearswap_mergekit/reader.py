@@ -171,6 +171,12 @@ def _runs(index: torch.Tensor) -> Tuple[list, list]:
     return index[starts].tolist(), counts
 
 
+def row_length(shape) -> int:
+    """Elements per row as `stats` reads a tensor: all but the first dimension (a
+    vector is one row)."""
+    return math.prod(shape[1:]) if len(shape) >= 2 else math.prod(shape)
+
+
 class RowReader:
     """Rows of one tensor of one model: shape, dtype, the whole tensor as (rows,
     row_len), or chosen rows copied out; release() lets go of what it holds."""
@@ -187,7 +193,7 @@ class RowReader:
     def _set_shape(self, shape: Sequence[int]) -> None:
         self.shape = tuple(shape)
         self.rows = self.shape[0] if len(self.shape) >= 2 else 1
-        self.row_len = math.prod(self.shape[1:]) if len(self.shape) >= 2 else math.prod(self.shape)
+        self.row_len = row_length(self.shape)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -116,6 +116,15 @@ def test_every_rung_scores_as_the_stock_merge_and_nothing_is_written(quartet, tm
     swap = next(rung for rung in report["rungs"] if rung["label"] == "swap 20%")
     assert swap["t"] == json.loads((ws.root / "calibrated.json").read_text())["global_t"]
 
+    # Every rung's full-swap column, taken from the reads the ladder makes anyway over
+    # several batches, is the one `stats` reports from a pass of its own.
+    ts = [rung["t"] for rung in report["rungs"][1:]]
+    run_cli("nearswap-mergekit", "stats", "quartet.yml", *(a for t in ts for a in ("--t", repr(t))),
+            "--json", "stats.json", "--quiet", cwd=ws.root, check=True)
+    stats = json.loads((ws.root / "stats.json").read_text())["results"]
+    for rung, result in zip(report["rungs"][1:], stats, strict=True):
+        assert rung["full_swap"] == [stage["full_swap_fraction"] for stage in result["stages"]], rung["label"]
+
     # Read once per batch for every rung, not once per rung; never the model whole.
     inputs = sum((ws.models / m / "model.safetensors").stat().st_size for m in
                  ("miqu", "wintergoddess", "aurora-nights", "xwin"))
@@ -136,15 +145,35 @@ def test_with_inputs_adds_each_secondary_alone(quartet):
     assert labels == ["base", "t=0.001", *(f"alone: ./tiny-quartet/{name}" for name in secondaries)]
     # The full-swap column, taken from the reads the ladder makes anyway, is the
     # one `stats` reports from a pass of its own.
-    stats = run_cli("nearswap-mergekit", "stats", "quartet.yml", "--t", "1e-3", "--json", "stats.json",
-                    "--quiet", cwd=ws.root, check=True)
-    assert stats.returncode == 0
+    run_cli("nearswap-mergekit", "stats", "quartet.yml", "--t", "1e-3", "--json", "stats.json",
+            "--quiet", cwd=ws.root, check=True)
     stages = json.loads((ws.root / "stats.json").read_text())["results"][0]["stages"]
     assert report["rungs"][1]["full_swap"] == [stage["full_swap_fraction"] for stage in stages]
     for name, row in zip(secondaries, report["rungs"][2:]):
         assert row["t"] is None and row["full_swap"] is None
         assert row["texts"][0]["kl_from_base"] > 0
         assert_scores_as_loaded(row, ws.models / name, [NOTES], 64)
+
+
+def test_with_inputs_lists_every_secondary_of_a_sliced_recipe(quartet):
+    """Slices give the layers' stage to different models: each still gets its row."""
+    ws = quartet
+    ws.write_recipe("sliced.yml", {
+        "merge_method": "nearswap_chain",
+        "base_model": ws.model("miqu"),
+        "slices": [
+            {"sources": [{"model": ws.model("miqu"), "layer_range": [0, 1]},
+                         {"model": ws.model("wintergoddess"), "layer_range": [0, 1]}]},
+            {"sources": [{"model": ws.model("miqu"), "layer_range": [1, 2]},
+                         {"model": ws.model("xwin"), "layer_range": [1, 2]}]},
+        ],
+        "parameters": {"t": 1e-3},
+        "dtype": "float16",
+    })
+    ladder(ws, "sliced.yml", "--text", "notes.txt", "--context", "64", "--with-inputs",
+           "--json", "sliced.json", "--quiet")
+    labels = [rung["label"] for rung in json.loads((ws.root / "sliced.json").read_text())["rungs"]]
+    assert labels[2:] == [f"alone: {ws.model('wintergoddess')}", f"alone: {ws.model('xwin')}"]
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,6 @@ def test_demo_and_a_merge_with_the_printed_recipe(fresh):
     (workdir / "notes.txt").write_text("NearSwap keeps the base where the models differ. " * 20)
     laddered = run(fresh, "nearswap-mergekit", "ladder", "printed.yml", "--text", "notes.txt",
                    "--t", "1e-3", "--context", "64", "--with-inputs", cwd=workdir)
-    rows = [line.split()[0] for line in laddered.stdout.splitlines()[3:7]]
-    assert rows == ["base", "t=0.001", "alone:", "alone:"], laddered.stdout
+    rows = [line.split()[0] for line in laddered.stdout.splitlines()[3:8]]
+    assert rows == ["base", "t=0.001", "alone:", "alone:", "alone:"], laddered.stdout
     assert not problems_from_this_package(laddered.stderr), laddered.stderr
