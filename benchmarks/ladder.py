@@ -25,13 +25,12 @@ which time their own phases: start-up is from the launch to the end of the impor
 for the naive route the mergekit-yaml child times its own imports (start-up) and its
 `main()` (read + merge + write), and the scoring process times each load and each
 `score_model` call (forward). The ladder's child runs the `ladder` command in-process
-(`cli.main`) with timers around `ladder.full_swap_fractions` (the full-swap column: one
-read pass of its own, where the ladder has one) and `ladder.run` (reading, merging and the forward passes, in
-lockstep threads, inseparable from inside); the rest of the command is planning
-(mergekit's planner, tokenizer, text). The ladder's forward time is taken to be the
-naive route's measured forwards (the same seven forwards: same shapes, dtype and
-tokens; the ladder runs them in seven threads at once); its read + merge time is
-`ladder.run`'s time less that.
+(`cli.main`) with a timer around `ladder.run` (reading, merging and the forward passes,
+in lockstep threads, inseparable from inside); the rest of the command is planning
+(mergekit's planner, tokenizer, text). The full-swap counts are taken inside `ladder.run`'s
+read + merge. The ladder's forward time is taken to be the naive route's measured forwards
+(the same seven forwards: same shapes, dtype and tokens; the ladder runs them in seven
+threads at once); its read + merge time is `ladder.run`'s time less that.
 """
 
 from __future__ import annotations
@@ -133,24 +132,14 @@ def ladder_child(argv: Sequence[str]) -> None:
     from nearswap_mergekit import ladder as laddering
 
     phases.mark("start-up")
-    # A ladder that counts full swaps while it merges has no pass of its own for them.
-    full_swap_fractions, run = getattr(laddering, "full_swap_fractions", None), laddering.run
-
-    def timed_fractions(*a, **k):
-        phases.mark("planning")
-        result = full_swap_fractions(*a, **k)
-        phases.mark("full-swap pass")
-        return result
+    run = laddering.run
 
     def timed_run(*a, **k):
-        if phases.marks[-1][0] == "start-up":
-            phases.mark("planning")
+        phases.mark("planning")
         result = run(*a, **k)
         phases.mark("read + merge + forward")
         return result
 
-    if full_swap_fractions is not None:
-        laddering.full_swap_fractions = timed_fractions
     laddering.run = timed_run
     try:
         cli.main(args, standalone_mode=False)
@@ -449,7 +438,6 @@ def summarize_ladder(run_report: Dict, ladder_json: Dict) -> Dict:
         "cpu_s": run_report["cpu_s"],
         "start_up_s": p["start-up"]["s"],
         "planning_s": p["planning"]["s"],
-        "full_swap_pass_s": p.get("full-swap pass", {"s": 0.0})["s"],
         "run_s": p["read + merge + forward"]["s"],
         "report_s": p["report"]["s"],
         "json_wall_seconds": ladder_json["wall_seconds"],
@@ -531,11 +519,9 @@ def compare(side: Dict) -> Dict:
     ladder_rows = {
         "start_up_s": ladder["start_up_s"],
         "planning_s": ladder["planning_s"],
-        "full_swap_pass_s": ladder["full_swap_pass_s"],
         "read_merge_s": ladder["run_s"] - forward,
         "forward_s": forward,
-        "other_s": ladder["wall_s"] - ladder["start_up_s"] - ladder["planning_s"] - ladder["full_swap_pass_s"]
-        - ladder["run_s"],
+        "other_s": ladder["wall_s"] - ladder["start_up_s"] - ladder["planning_s"] - ladder["run_s"],
         "wall_s": ladder["wall_s"],
     }
     naive_rows = {
@@ -567,8 +553,6 @@ def compare(side: Dict) -> Dict:
         "forward_flop_rate": flops * len(naive["forward_s_each"]) / forward,
         # Seven rungs' merges of every input byte, per second of read + merge.
         "merge_input_gb_s": len(naive["forward_s_each"]) * side["input_bytes"] / 1e9 / ladder_rows["read_merge_s"],
-        "full_swap_input_gb_s": (side["input_bytes"] / 1e9 / ladder["full_swap_pass_s"]
-                                 if ladder["full_swap_pass_s"] else None),
         "ladder_peak_anon_bytes": ladder["peak_anon_bytes"],
         "ladder_anon_after_planning_bytes": ladder["anon_after_planning_bytes"],
         "naive_peak_anon_bytes": max(naive["peak_anon_bytes"].values()),
@@ -646,10 +630,8 @@ def disk_summary(disk: Dict) -> Dict:
         "read_bytes": device_reads,
         "read_over_inputs": after_start / inputs,
         "run_read_over_inputs": device_reads["read + merge + forward"] / inputs,
-        "full_swap_read_over_inputs": device_reads.get("full-swap pass", 0) / inputs,
         "ladder_peak_anon_bytes": max(disk["ladder"]["peak_anon_bytes"].values()),
         "naive_peak_anon_bytes": disk["naive"]["peak_anon_bytes"],
-        "full_swap_gb_s": inputs / 1e9 / phases["full-swap pass"]["s"] if "full-swap pass" in phases else None,
         "run_gb_s": inputs / 1e9 / phases["read + merge + forward"]["s"],
     }
 
@@ -669,13 +651,9 @@ def estimate_70b(report: Dict) -> Dict:
     start = ladder["start_up_s"] + ladder["planning_s"] * (80 * 9 + 3) / (side["shape"]["layers"] * 9 + 3)
     disk = report.get("from_disk")
     disk_read_s = inputs_gb / disk["raw_read_gb_s"] if disk else 0.0
-    # A ladder with a full-swap pass of its own reads every input twice; one counting
-    # full swaps as it merges, once (and on the device that merges).
-    separate_pass = bool(c["full_swap_input_gb_s"])
-    full_swap_compute_s = inputs_gb / c["full_swap_input_gb_s"] if separate_pass else 0.0
+    # The ladder counts full swaps as it merges: all rungs share one read of the inputs.
     cpu = {
         "start_up_and_planning_s": start,
-        "full_swap_pass_s": max(full_swap_compute_s, disk_read_s) if separate_pass else 0.0,
         "read_merge_s": max(rungs * inputs_gb / c["merge_input_gb_s"], disk_read_s),
         "forward_s": rungs * flops / c["forward_flop_rate"],
         "disk_read_once_s": disk_read_s,
@@ -683,8 +661,6 @@ def estimate_70b(report: Dict) -> Dict:
     nvme_read_s = inputs_gb / NVME_READ_GB_S
     gpu = {
         "start_up_and_planning_s": start,
-        # The full-swap pass runs on the CPU whatever --device says: at this machine's rate.
-        "full_swap_pass_s": max(full_swap_compute_s, nvme_read_s) if separate_pass else 0.0,
         # Per rung, its four inputs read and one output written in bf16 on the device; the
         # inputs come from the drive and cross to the device once.
         "read_merge_s": max(rungs * (inputs_gb + SEVENTY_B_GB) * 1e9 / (GPU_HBM_BYTES_S * GPU_HBM_SHARE),
@@ -693,18 +669,22 @@ def estimate_70b(report: Dict) -> Dict:
     }
     for estimate in (cpu, gpu):
         estimate["total_s"] = sum(estimate[key] for key in
-                                  ("start_up_and_planning_s", "full_swap_pass_s", "read_merge_s", "forward_s"))
+                                  ("start_up_and_planning_s", "read_merge_s", "forward_s"))
     scale = largest_matrix_elements(SEVENTY_B) / largest_matrix_elements(side["shape"])
     anon, start_anon = c["ladder_peak_anon_bytes"], c["ladder_anon_after_planning_bytes"]
     return {
         "inputs_gb": inputs_gb, "rungs": rungs, "forward_flops": flops, "cpu": cpu, "gpu": gpu,
-        "separate_full_swap_pass": separate_pass,
         "largest_matrix_scale": scale,
         "cpu_peak_anon_gib": (start_anon + (anon - start_anon) * scale) / GIB,
     }
 
 
 # --- report --------------------------------------------------------------------------------
+
+
+def section(paragraph: str, columns: Sequence[str]) -> List[str]:
+    """A paragraph, then the head of the table under it (first column left, the rest right)."""
+    return ["", paragraph, "", f"| {' | '.join(columns)} |", "|---|" + "---:|" * (len(columns) - 1)]
 
 
 def markdown(report: Dict) -> str:
@@ -715,12 +695,7 @@ def markdown(report: Dict) -> str:
     first_half = ", ".join(f"{t:g}" for t in CARD_TS[:len(CARD_TS) // 2])
     loads = [r["load_average"][0][0] for k in runs for r in runs[k]] + \
             [r["load_average"][1][0] for k in runs for r in runs[k]]
-    lines = [
-        f"Measured {report['date']} on {report['machine']}; load average (1 min) during the runs "
-        f"{min(loads):.1f}-{max(loads):.1f} (other jobs share the 2 cores; the average counts this "
-        f"benchmark's own threads too, seven in the ladder). Benchmark wall time "
-        f"{report['benchmark_s'] / 60:.1f} min.",
-        "",
+    setting = (
         f"**The ladder against the naive route**: four bf16 checkpoints, Llama-2-7B layer shapes "
         f"(hidden {shape['hidden']}, MLP {shape['intermediate']}, {shape['layers']} layers, vocabulary "
         f"{shape['vocab']}; {gb / 4:.2f} GB each, {gb:.2f} GB of input), page cache warm; the base and "
@@ -731,16 +706,17 @@ def markdown(report: Dict) -> str:
         f"in two processes, before the ladder (the base and t = {first_half}) "
         "and after it (the rest), so that both see the same drift in load, and counted as one process "
         "(one start-up of its scoring process); the fastest run of each shown (naive / ladder wall "
-        f"per round: {', '.join(f'{x:.2f}x' for x in c['speedup_per_round'])}).",
-        "",
-        "| phase | ladder, s | naive route, s |",
-        "|---|---:|---:|",
+        f"per round: {', '.join(f'{x:.2f}x' for x in c['speedup_per_round'])})."
+    )
+    lines = [
+        f"Measured {report['date']} on {report['machine']}; load average (1 min) during the runs "
+        f"{min(loads):.1f}-{max(loads):.1f} (other jobs share the 2 cores; the average counts this "
+        f"benchmark's own threads too, seven in the ladder). Benchmark wall time "
+        f"{report['benchmark_s'] / 60:.1f} min.",
+        *section(setting, ("phase", "ladder, s", "naive route, s")),
         f"| start-up (imports; naive: its scoring process + {len(CARD_TS)} mergekit-yaml) | "
         f"{L['start_up_s']:.1f} | {N['start_up_s']:.1f} |",
         f"| planning (mergekit's planner, tokenizer, text) | {L['planning_s']:.1f} | (in read + merge) |",
-        f"| full-swap pass (the table's full-swap column: one read of the inputs) | "
-        f"{L['full_swap_pass_s']:.1f} | |" if L["full_swap_pass_s"] else
-        "| full-swap counts (taken while merging, in read + merge) | | |",
         f"| read + merge (naive: + write, mergekit-yaml) | {L['read_merge_s']:.1f} | "
         f"{N['read_merge_write_s']:.1f} |",
         f"| load (transformers, float32) | | {N['load_s']:.1f} |",
@@ -767,8 +743,7 @@ def markdown(report: Dict) -> str:
         f"Peak anonymous memory (RssAnon): ladder {c['ladder_peak_anon_bytes'] / GIB:.2f} GiB, naive "
         f"{c['naive_peak_anon_bytes'] / GIB:.2f} GiB (its scoring process with a float32 model loaded). "
         f"Forward rate {c['forward_flop_rate'] / 1e9:.0f} GFLOP/s; the ladder's read + merge "
-        f"{c['merge_input_gb_s']:.2f} GB of input per second, all rungs counted"
-        + (f"; its full-swap pass {c['full_swap_input_gb_s']:.2f} GB/s." if c["full_swap_input_gb_s"] else "."),
+        f"{c['merge_input_gb_s']:.2f} GB of input per second, all rungs counted.",
     ]
     if "from_disk" in report:
         lines += disk_markdown(report)
@@ -781,19 +756,16 @@ def disk_markdown(report: Dict) -> List[str]:
     shape = disk["shape"]
     phases = disk["ladder"]["phases"]
     naive = disk["naive"]["peak_anon_bytes"]
-    lines = [
-        "",
+    setting = (
         f"**From disk**: four bf16 checkpoints with the same layer shapes, {shape['layers']} layers "
         f"({disk['input_bytes'] / 1e9:.2f} GB of input, {disk['input_bytes'] / GIB:.2f} GiB); page cache "
         f"dropped ({disk['cache']}); the ladder (base + t = {', '.join(f'{t:g}' for t in disk['ts'])}, "
         f"{disk['context']} positions) in a memory cgroup limited to {disk['limit_bytes'] / GIB:g} GiB "
         f"(its peak usage, page cache included: {disk['ladder']['max_usage_bytes'] / GIB:.2f} GiB; "
         f"{disk['ladder']['failed_charges']:,} failed charges, {disk['ladder']['oom_kills']} OOM kills). "
-        f"A raw read of the inputs ran at {disk['raw_read_gb_s']:.2f} GB/s.",
-        "",
-        "| ladder phase | s | read from the device, GB | / inputs |",
-        "|---|---:|---:|---:|",
-    ]
+        f"A raw read of the inputs ran at {disk['raw_read_gb_s']:.2f} GB/s."
+    )
+    lines = section(setting, ("ladder phase", "s", "read from the device, GB", "/ inputs"))
     for name, p in phases.items():
         lines.append(f"| {name} | {p['s']:.1f} | {p['read_bytes'] / 1e9:.2f} | "
                      f"{p['read_bytes'] / disk['input_bytes']:.2f} |")
@@ -815,26 +787,20 @@ def estimate_markdown(report: Dict) -> List[str]:
     def hours(key: str) -> str:
         return f"{cpu[key] / 3600:.2f} | {gpu[key] / 3600:.{3 if gpu[key] < 36 else 2}f}"
 
-    lines = [
-        "",
+    setting = (
         f"**A 4 x 70B ladder, estimated** (not measured): Llama-2-70B shapes, four bf16 inputs of "
         f"{SEVENTY_B_GB:.0f} GB, {e['rungs']} rows (base + {e['rungs'] - 1} rungs), one window of 2,048 "
-        f"positions ({e['forward_flops'] / 1e12:.0f} TFLOP per forward).",
-        "",
-        "| part | this machine (2 cores, its disk), h | one GPU (published figures), h |",
-        "|---|---:|---:|",
+        f"positions ({e['forward_flops'] / 1e12:.0f} TFLOP per forward)."
+    )
+    return [
+        *section(setting, ("part", "this machine (2 cores, its disk), h", "one GPU (published figures), h")),
         f"| start-up and planning | {hours('start_up_and_planning_s')} |",
-    ]
-    if e["separate_full_swap_pass"]:
-        lines.append(f"| full-swap pass (on the CPU either way) | {hours('full_swap_pass_s')} |")
-    lines += [
         f"| read + merge | {hours('read_merge_s')} |",
         f"| forward | {hours('forward_s')} |",
         f"| **total** | **{cpu['total_s'] / 3600:.1f}** | **{gpu['total_s'] / 3600:.2f}** |",
         "",
         "CPU: each part at its rate measured above (forward FLOP/s, GB of input merged per second for "
-        "all rungs" + (", the full-swap pass's GB/s" if e["separate_full_swap_pass"] else "") + "); each "
-        f"read of the inputs is the slower of computing and this disk's raw rate "
+        "all rungs); each read of the inputs is the slower of computing and this disk's raw rate "
         f"({cpu['disk_read_once_s'] / 3600:.2f} h per read of {e['inputs_gb']:.0f} GB). "
         f"Peak anonymous memory: the side-by-side ladder's peak above its start-up (seven rows' float32 "
         f"copies of the largest matrix, two weights' inputs, seven forwards' activations) scaled by the "
@@ -844,11 +810,8 @@ def estimate_markdown(report: Dict) -> List[str]:
         f"GPU: not measured (the ladder has not been run on one); an H100 SXM at {GPU_FLOP_SHARE:.0%} of "
         f"its published {GPU_BF16_FLOPS / 1e12:.0f} dense bf16 TFLOP/s for the forwards and "
         f"{GPU_HBM_SHARE:.0%} of its {GPU_HBM_BYTES_S / 1e12:.2f} TB/s for the merges, inputs from an "
-        f"NVMe drive at {NVME_READ_GB_S} GB/s and to the device at {PCIE_GB_S:g} GB/s"
-        + ("; the full-swap pass runs on the host CPU, at this machine's rate." if e["separate_full_swap_pass"]
-           else "."),
+        f"NVMe drive at {NVME_READ_GB_S} GB/s and to the device at {PCIE_GB_S:g} GB/s.",
     ]
-    return lines
 
 
 def goals(report: Dict) -> List[Dict]:

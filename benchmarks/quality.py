@@ -433,7 +433,7 @@ def ladder_command(work: Path, base: Path, children: List[Path], corpus, sizes: 
         raise click.ClickException(f"ladder failed:\n{result.stderr[-3000:]}")
     found = json.loads((work / "ladder.json").read_text())
     differences, t_pairs = [], []
-    for rung, written in zip(found["rungs"], rungs):
+    for rung, written in zip(found["rungs"], rungs, strict=True):
         t_pairs.append((rung["t"], written["t"]))
         for text, domain in zip(rung["texts"], DOMAINS):
             reference = written["nll"][domain]
@@ -708,7 +708,7 @@ def markdown(report: Dict, wall_s: float, quick: bool) -> str:
         command["table"].strip(),
         "```",
         "",
-        f"Its t {'equal' if command['same_t'] else 'DIFFER FROM'} the written merges'; its NLL "
+        f"Its t {'are' if command['same_t'] else 'are NOT'} those of the written merges; its NLL "
         f"per rung and text differs from theirs by {command['max_relative_nll_difference']:.1e} "
         f"relative at most. {command['rungs']} rungs in {command['command_wall_s']:.1f} s "
         f"(the ladder's own wall time {command['ladder_wall_s']:.1f} s), "
