@@ -17,25 +17,40 @@ def _log_grid(low: float, high: float, count: int) -> List[float]:
     return [low * ratio**i for i in range(count)]
 
 
+#: The first grid of t every search measures: 0, then 1e-9 to 1, log-spaced.
+COARSE_GRID = [0.0, *_log_grid(1e-9, 1.0, 28)]
+
+
+def _fine_grid(fractions: Sequence[float], target: float) -> List[float]:
+    """A finer log grid inside the coarse interval that brackets the target (the
+    fraction grows with t), from the coarse grid's measured fractions."""
+    coarse = COARSE_GRID
+    above = next((i for i, f in enumerate(fractions) if f >= target), len(coarse) - 1)
+    low = coarse[max(above - 1, 1)] if above > 0 else coarse[1] / 10
+    return _log_grid(low, coarse[above] if above > 0 else coarse[1], 17)
+
+
+def _closest(ts: Sequence[float], fractions: Sequence[float], target: float) -> Tuple[float, float]:
+    """The measured (t, fraction) closest to the target; the smaller t on a tie."""
+    return min(zip(ts, fractions), key=lambda tf: (abs(tf[1] - target), tf[0]))
+
+
 def search_t(evaluate: Callable[[List[float]], List[float]], target: float) -> Tuple[float, float]:
     """The t whose fraction is closest to target, and that fraction: a coarse log grid,
     then a fine one inside the bracket (the fraction grows with t).
 
     evaluate: candidate t -> their measured fractions, in the same order."""
-    coarse = [0.0, *_log_grid(1e-9, 1.0, 28)]
-    fractions = evaluate(coarse)
-    above = next((i for i, f in enumerate(fractions) if f >= target), len(coarse) - 1)
-    low = coarse[max(above - 1, 1)] if above > 0 else coarse[1] / 10
-    fine = _log_grid(low, coarse[above] if above > 0 else coarse[1], 17)
-    candidates = list(zip(coarse + fine, fractions + evaluate(fine)))
-    return min(candidates, key=lambda tf: (abs(tf[1] - target), tf[0]))
+    fractions = evaluate(COARSE_GRID)
+    fine = _fine_grid(fractions, target)
+    return _closest(COARSE_GRID + fine, fractions + evaluate(fine), target)
 
 
 def global_ts_for_targets(jobs: Sequence[TensorJob], targets: Sequence[float], sample: float = 1.0,
                           progress: bool = True, seed: int = 0) -> List[Tuple[float, float]]:
     """(global t, achieved mean full-swap fraction) per target: calibrate's search for
     its global t (the mean over stages of each stage's full-swap fraction, one t
-    throughout); fractions measured for one target serve the next."""
+    throughout), for all targets in two read passes: the coarse grid, then every
+    target's fine grid together."""
     measured: Dict[float, float] = {}
 
     def mean_fraction(candidates: List[float]) -> List[float]:
@@ -47,7 +62,11 @@ def global_ts_for_targets(jobs: Sequence[TensorJob], targets: Sequence[float], s
                 measured[candidate] = sum(fractions) / len(fractions)
         return [measured[c] for c in candidates]
 
-    return [search_t(mean_fraction, target) for target in targets]
+    coarse = mean_fraction(COARSE_GRID)
+    fines = [_fine_grid(coarse, target) for target in targets]
+    mean_fraction([t for fine in fines for t in fine])
+    return [_closest(COARSE_GRID + fine, coarse + mean_fraction(fine), target)
+            for target, fine in zip(targets, fines)]
 
 
 def calibrate(jobs: Sequence[TensorJob], target: float, sample: float = 1.0, progress=True,

@@ -283,3 +283,29 @@ def test_bad_input(workspace, args, message, code):
     assert result.returncode == code
     assert message in result.stdout + result.stderr, result.stderr
     assert file_digests(workspace.models) == before
+
+
+def test_several_global_targets_take_two_read_passes(workspace, monkeypatch):
+    """`ladder --target-swap` with several targets: the coarse grid of t in one read
+    pass, then every target's fine grid together in a second; each target gets the t
+    a search of its own finds."""
+    from nearswap_mergekit import calibration, planning
+
+    # Absolute paths: mergekit caches loaders by path for the life of this process.
+    workspace.write_recipe("targets.yml", {
+        "merge_method": "nearswap_chain",
+        "base_model": str(workspace.models / "miqu"),
+        "models": [{"model": str(workspace.models / name)} for name in ("wintergoddess", "aurora-nights", "xwin")],
+        "parameters": {"t": 1e-4},
+        "dtype": "float16",
+    })
+    jobs = planning.plan(planning.load_recipe(str(workspace.root / "targets.yml")))
+    passes = []
+    measure = calibration.measure
+    monkeypatch.setattr(calibration, "measure", lambda *a, **k: passes.append(len(a[1])) or measure(*a, **k))
+    targets = [0.008, 0.1, 0.3]
+    together = calibration.global_ts_for_targets(jobs, targets, progress=False)
+    assert len(passes) == 2
+    alone = [calibration.global_ts_for_targets(jobs, [target], progress=False)[0] for target in targets]
+    assert together == alone
+    assert all(abs(fraction - target) < 0.01 for (_, fraction), target in zip(together, targets))
