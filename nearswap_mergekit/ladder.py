@@ -21,6 +21,7 @@ nothing merged outlives the module that used it.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import threading
 import time
@@ -35,11 +36,10 @@ import torch
 from tqdm import tqdm
 
 from nearswap_mergekit import planning, scoring, stats
-from nearswap_mergekit.kernel import chain_with_row_stats, nearswap_chain
-from nearswap_mergekit.measuring import BLOCK_ELEMENTS, compute_dtype
+from nearswap_mergekit.kernel import nearswap_chain
+from nearswap_mergekit.measuring import measure
 from nearswap_mergekit.planning import Setting, TensorJob
-from nearswap_mergekit.reader import find_rows, row_length
-from nearswap_mergekit.sampling import RowSums, sample_rows
+from nearswap_mergekit.reader import TensorRows, find_rows
 
 #: The label of the row every rung is compared with.
 BASE_LABEL = "base"
@@ -99,8 +99,8 @@ def recipe_rung(jobs: Sequence[TensorJob]) -> Rung:
 class SwapCounts:
     """Each chain rung's counts per stage and tensor, the ones `stats` reports, taken
     from the inputs the ladder reads anyway (a separate pass would read them all
-    once more): the first time a weight's inputs are read, its rows go through the
-    kernel's row statistics at each rung's t, in blocks, as `stats` reads them."""
+    once more): the first time a weight's inputs are read, stats' own read pass
+    (`measuring.measure`) runs over them in memory at each rung's t."""
 
     def __init__(self, rungs: Sequence[Rung], stages: int):
         self.rungs = [rung for rung in rungs if rung.setting is not None]
@@ -114,22 +114,20 @@ class SwapCounts:
             if job.name in self._taken or not self.rungs:
                 return
             self._taken.add(job.name)
-        row_len = row_length(tensors[0].shape)
-        rows = [tensor.reshape(-1, row_len) for tensor in tensors]
-        dtype = compute_dtype(job, [tensor.dtype for tensor in tensors])
-        totals = torch.zeros((len(self.rungs), len(RowSums.FIELDS), len(job.stages)), dtype=torch.float64)
-        step = max(1, BLOCK_ELEMENTS // max(row_len, 1))
-        for low in range(0, rows[0].shape[0], step):
-            v0, *secondaries = (r[low : low + step].to(dtype).contiguous() for r in rows)
-            for index, rung in enumerate(self.rungs):
-                thresholds = [rung.setting(job, k) for k in range(len(job.stages))]
-                counted = chain_with_row_stats(v0, secondaries, thresholds, round_stages=job.round_stages)
-                totals[index] += torch.stack([values.to(torch.float64).sum(1).cpu() for values in counted])
-        sample = sample_rows(job.name, rows[0].shape[0], row_len, 1.0)
+        order = [job.base_model, *(stage.model for stage in job.stages)]
+        # On the CPU, as stats reads them (its gathered blocks are CPU buffers).
+        readers = {model: TensorRows(tensor.cpu()) for model, tensor in zip(order, tensors)}
+        in_memory = dataclasses.replace(job, readers=readers, vocabulary_task=None)
+        try:
+            measured = measure([in_memory], [rung.setting for rung in self.rungs], 1.0, progress=False)
+        finally:
+            for reader in readers.values():
+                reader.release()
         with self._lock:
-            for index in range(len(self.rungs)):
-                for k in range(len(job.stages)):
-                    self._sums[index][k][job.name] = RowSums(sample, row_len, totals[index, :, k].tolist())
+            for index, per_stage in enumerate(measured):
+                for k, sums in enumerate(per_stage):
+                    if job.name in sums:
+                        self._sums[index][k][job.name] = sums[job.name]
 
     def missing(self, jobs: Sequence[TensorJob]) -> List[str]:
         """The jobs no forward has read (the model never asks for them), where a rung
