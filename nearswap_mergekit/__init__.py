@@ -17,19 +17,23 @@ __version__ = "0.1.0"
 
 #: Public name -> the module that defines it, imported when the name is first used.
 _LAZY = {
-    "check_threshold": "nearswap_mergekit.spec",
-    "nearswap": "nearswap_mergekit.kernel",
-    "nearswap_chain": "nearswap_mergekit.kernel",
-    "register": "nearswap_mergekit.registration",
-    "METHOD_NAME": "nearswap_mergekit.spec",
-    "REFERENCE_URL": "nearswap_mergekit.spec",
+    "check_threshold": "nearswap_mergekit.method.spec",
+    "nearswap": "nearswap_mergekit.method.kernel",
+    "nearswap_chain": "nearswap_mergekit.method.kernel",
+    "register": "nearswap_mergekit.method.registration",
+    "METHOD_NAME": "nearswap_mergekit.method.spec",
+    "REFERENCE_URL": "nearswap_mergekit.method.spec",
 }
 __all__ = sorted(_LAZY)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; never run
-    from nearswap_mergekit.kernel import nearswap, nearswap_chain
-    from nearswap_mergekit.registration import register
-    from nearswap_mergekit.spec import METHOD_NAME, REFERENCE_URL, check_threshold
+    from nearswap_mergekit.method.kernel import nearswap, nearswap_chain
+    from nearswap_mergekit.method.registration import register
+    from nearswap_mergekit.method.spec import (
+        METHOD_NAME,
+        REFERENCE_URL,
+        check_threshold,
+    )
 
 
 def __getattr__(name: str) -> Any:

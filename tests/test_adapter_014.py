@@ -9,7 +9,7 @@ if ON_MERGEKIT_015:
     pytest.skip("mergekit 0.1.4's adapter", allow_module_level=True)
 
 from mergekit.common import ModelReference  # noqa: E402
-from nearswap_mergekit.adapter_014 import method_for  # noqa: E402
+from nearswap_mergekit.method.adapter_014 import method_for  # noqa: E402
 
 NearSwapChainTask = method_for("mergekit").task_class
 

@@ -10,9 +10,9 @@ import yaml
 from conftest import CONFIGS, mergekit_independent, run_cli
 
 import nearswap_mergekit
-from nearswap_mergekit import recipewriter
-from nearswap_mergekit.recipewriter import RecipeWriteError
-from nearswap_mergekit.spec import parse_target_swap
+from nearswap_mergekit.tools import recipewriter
+from nearswap_mergekit.tools.recipewriter import RecipeWriteError
+from nearswap_mergekit.method.spec import parse_target_swap
 
 HEAVY = ("torch", "mergekit", "transformers")
 
@@ -58,8 +58,8 @@ def test_public_names_load_on_first_use():
         "print(torch.equal(nearswap_chain(a, [b], 1e-4), nearswap(a, b, 1e-4)), METHOD_NAME,\n"
         "      check_threshold(1), callable(register), REFERENCE_URL.startswith('https://'))\n"
         "print(set(nearswap_mergekit.__all__) <= set(dir(nearswap_mergekit)))\n"
-        "from nearswap_mergekit import stats  # a submodule, not one of the lazy names\n"
-        "print(stats.__name__)\n"
+        "from nearswap_mergekit import plan  # a subpackage, not one of the lazy names\n"
+        "print(plan.__name__)\n"
         "try:\n"
         "    nearswap_mergekit.no_such_name\n"
         "except AttributeError as error:\n"
@@ -70,7 +70,7 @@ def test_public_names_load_on_first_use():
         "[]",
         "True nearswap_chain 1.0 True True",
         "True",
-        "nearswap_mergekit.stats",
+        "nearswap_mergekit.plan",
         "module 'nearswap_mergekit' has no attribute 'no_such_name'",
     ]
 

@@ -18,8 +18,8 @@ from conftest import mergekit_independent, CONFIGS, run_cli
 pytestmark = mergekit_independent
 from safetensors.torch import load_file, save_file
 
-from nearswap_mergekit import compare
-from nearswap_mergekit.sampling import sample_rows
+from nearswap_mergekit.tools import checkpoints, compare
+from nearswap_mergekit.plan.sampling import sample_rows
 
 UP = "model.layers.0.mlp.up_proj.weight"
 EMBED = "model.embed_tokens.weight"
@@ -111,10 +111,10 @@ def test_a_manifest_agrees_with_the_folder_it_was_made_from(merges):
     assert made.returncode == 0, made.stderr
     assert made.stdout.startswith("wrote compare-a.manifest.json (")
     # The Python API writes the same manifest.
-    compare.write_json(compare.hash_checkpoint(compare.open_checkpoint(str(merges / "compare-b")),
+    checkpoints.write_json(checkpoints.hash_checkpoint(checkpoints.open_checkpoint(str(merges / "compare-b")),
                                                progress=False), str(merges / "compare-b.manifest.json"))
     manifest = json.loads((merges / "compare-a.manifest.json").read_text())
-    assert manifest["format"] == compare.MANIFEST_FORMAT
+    assert manifest["format"] == checkpoints.MANIFEST_FORMAT
     assert Path(manifest["source"]).resolve() == (merges / "compare-a").resolve()
     assert manifest["nearswap_mergekit_version"]
     other = json.loads((merges / "compare-b.manifest.json").read_text())
@@ -170,8 +170,8 @@ def test_the_hash_does_not_depend_on_sharding_or_format(merges, tmp_path):
         assert made.returncode == 0, made.stderr
         digests[name] = json.loads((tmp_path / f"{name}.json").read_text())["tensors"]
     for name in ("one", "pickled.bin"):  # in-process: the same code without a start-up
-        checkpoint = compare.open_checkpoint(str(tmp_path / name))
-        digests[name] = compare.hash_checkpoint(checkpoint, progress=False)["tensors"]
+        checkpoint = checkpoints.open_checkpoint(str(tmp_path / name))
+        digests[name] = checkpoints.hash_checkpoint(checkpoint, progress=False)["tensors"]
     assert len(digests["three"]) == len(tensors)
     assert digests["one"] == digests["three"] == digests["pickled.bin"]
     assert digests["three"]["model.layers.0.self_attn.q_proj.weight"]["dtype"] == "bfloat16"
@@ -220,8 +220,8 @@ def test_ulp_and_identity_at_special_values(tmp_path, padding):
         b = {name: make(case[1]) for name, case in cases.items()}
         save_file(a, str(tmp_path / "a.safetensors"))
         save_file(b, str(tmp_path / "b.safetensors"))
-        result = compare.compare(compare.open_side(str(tmp_path / "a.safetensors")),
-                                 compare.open_side(str(tmp_path / "b.safetensors")), progress=False)
+        result = compare.compare(checkpoints.open_side(str(tmp_path / "a.safetensors")),
+                                 checkpoints.open_side(str(tmp_path / "b.safetensors")), progress=False)
         got = {t.name: t for t in result.tensors}
         for name, (_, _, identical, ulp, nans) in cases.items():
             if ulp is None:  # 3.0 vs 3.5, beside the NaN
@@ -286,8 +286,8 @@ def test_a_sample_reads_only_its_rows_and_says_so(merges):
     whole = nearswap("compare", "compare-a", "compare-outside", cwd=merges)
     assert whole.returncode == 1 and f"first at [{outside}, 1]" in whole.stdout
     # A manifest holds digests of whole tensors: no sample of it.
-    manifest = compare.hash_checkpoint(compare.open_checkpoint(str(merges / "compare-a")), progress=False)
-    compare.write_json(manifest, str(merges / "sampled.manifest.json"))
+    manifest = checkpoints.hash_checkpoint(checkpoints.open_checkpoint(str(merges / "compare-a")), progress=False)
+    checkpoints.write_json(manifest, str(merges / "sampled.manifest.json"))
     refused = nearswap("compare", "sampled.manifest.json", "compare-b", *sampled, cwd=merges)
     assert refused.returncode == 2 and "--sample needs two checkpoints" in refused.stderr
 

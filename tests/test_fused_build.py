@@ -20,12 +20,13 @@ from conftest import mergekit_independent
 from reference import same_bits
 from test_kernel import SPECIAL_BITS
 
-from nearswap_mergekit import _fused, nearswap_chain
+from nearswap_mergekit.method import _fused
+from nearswap_mergekit import nearswap_chain
 
 pytestmark = mergekit_independent
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCE = REPO / "nearswap_mergekit" / "_fused.c"
+SOURCE = REPO / "nearswap_mergekit" / "method" / "_fused.c"
 HARNESS = Path(__file__).resolve().parent / "harness" / "chain.c"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 #: Three stages each; t is rounded to float32 as the kernel does.
@@ -103,7 +104,8 @@ def expected():
 # see every kind of value too.
 FUSED_RUN = """
 import sys, torch
-from nearswap_mergekit import _fused, nearswap_chain
+from nearswap_mergekit.method import _fused
+from nearswap_mergekit import nearswap_chain
 def fused(c, start, stop):
     x = [t[start:stop] for t in c["tensors"]]
     return nearswap_chain(x[0], x[1:], c["ts"], round_stages=c["round"], backend="fused")
@@ -186,7 +188,8 @@ def test_x86_without_f16c_uses_the_software_conversion(compiler, tmp_path, expec
 # match the torch path's.
 PROBED_RUN = """
 import json, torch
-from nearswap_mergekit import _fused, nearswap_chain
+from nearswap_mergekit.method import _fused
+from nearswap_mergekit import nearswap_chain
 x = [torch.randn(300, 70).to(torch.float16) for _ in range(3)]
 fused = nearswap_chain(x[0], x[1:], 1e-2, backend="fused").view(torch.int16)
 same = torch.equal(fused, nearswap_chain(x[0], x[1:], 1e-2, backend="torch").view(torch.int16))
@@ -237,8 +240,9 @@ def test_cache_key_follows_the_target():
 # Runs the chain twice on each path and reports the package's log records.
 LOGGED_RUN = """
 import json, logging, torch
-from nearswap_mergekit import _fused, nearswap_chain
-from nearswap_mergekit.kernel import chain_with_row_stats
+from nearswap_mergekit.method import _fused
+from nearswap_mergekit import nearswap_chain
+from nearswap_mergekit.method.kernel import chain_with_row_stats
 records = []
 class Keep(logging.Handler):
     def emit(self, record):

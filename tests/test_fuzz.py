@@ -9,10 +9,11 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nearswap_mergekit import planning
+import nearswap_mergekit
+from nearswap_mergekit.plan.recipe import Plan, RecipeError
 
-PACKAGE = str(Path(planning.__file__).parent)
-EXPLAINED = (ValueError, planning.RecipeError)  # pydantic's ValidationError is a ValueError
+PACKAGE = str(Path(nearswap_mergekit.__file__).parent)
+EXPLAINED = (ValueError, RecipeError)  # pydantic's ValidationError is a ValueError
 
 scalars = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
@@ -91,7 +92,7 @@ def test_random_recipes_plan_or_fail_with_a_reason(workspace, monkeypatch):
         path = workspace.root / "fuzz.yml"
         path.write_text(yaml.safe_dump(recipe))
         try:
-            jobs = planning.plan(planning.load_recipe(str(path)))
+            jobs = Plan(str(path)).jobs
         except Exception as error:  # noqa: BLE001 - judged below
             outcomes[type(error).__name__] += 1
             messages.append(str(error)[-300:])
@@ -110,5 +111,5 @@ def test_random_recipes_plan_or_fail_with_a_reason(workspace, monkeypatch):
 def test_recipe_error_for_a_yaml_syntax_error(tmp_path):
     path = tmp_path / "broken.yml"
     path.write_text("merge_method: [unclosed\n")
-    with pytest.raises(planning.RecipeError, match="is not valid YAML"):
-        planning.load_recipe(str(path))
+    with pytest.raises(RecipeError, match="is not valid YAML"):
+        Plan(str(path)).config

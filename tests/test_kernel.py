@@ -11,7 +11,8 @@ from conftest import mergekit_independent
 from hypothesis.extra import numpy as hnp
 from reference import card_nearswap, reference_chain, same_bits
 
-from nearswap_mergekit import _fused, nearswap, nearswap_chain
+from nearswap_mergekit.method import _fused
+from nearswap_mergekit import nearswap, nearswap_chain
 
 pytestmark = mergekit_independent
 
@@ -290,7 +291,7 @@ def test_property_chain_matches_reference(seed, ts, dtype, backend):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_row_statistics_agree_between_paths_and_with_the_chain(dtype):
-    from nearswap_mergekit.kernel import chain_with_row_stats
+    from nearswap_mergekit.method.kernel import chain_with_row_stats
 
     base, *secondaries = quartet(dtype, shape=(50, 300), seed=5)
     base[0, :19] = torch.tensor([float(v) for v in np.array(SPECIAL_BITS, np.uint32).view(np.float32)]).to(dtype)
@@ -315,7 +316,7 @@ def test_row_statistics_agree_between_paths_and_with_the_chain(dtype):
 def test_row_statistics_in_inference_mode_on_the_parallel_path():
     """`ladder` counts swaps inside its forwards' inference mode, with tensors large
     enough for the fused kernel's worker threads: they must write there too."""
-    from nearswap_mergekit.kernel import chain_with_row_stats
+    from nearswap_mergekit.method.kernel import chain_with_row_stats
 
     if min(torch.get_num_threads(), os.cpu_count() or 1) < 2:
         pytest.skip("one thread: the fused kernel does not split the work")

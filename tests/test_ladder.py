@@ -14,7 +14,7 @@ from conftest import CONFIGS, Workspace, mergekit_independent, run_cli
 from safetensors.torch import save_file
 from test_stats_vocab import vocabulary_variant
 
-from nearswap_mergekit import scoring
+from nearswap_mergekit.ladder import scoring
 from nearswap_mergekit.tiny import TinyLlama, build_family, build_tokenizer
 
 STORY = (

@@ -9,14 +9,16 @@ import yaml
 from conftest import CONFIGS
 
 from mergekit.config import MergeConfiguration
-from nearswap_mergekit import check_threshold, recipebook
+import nearswap_mergekit
+from nearswap_mergekit import check_threshold
+from nearswap_mergekit.tools import recipebook
 
 RECIPES = sorted(CONFIGS.glob("*.yml"))
 
 
 def test_the_package_ships_configs_itself():
     """One copy of each recipe: the package's recipes folder is a link to configs/."""
-    assert os.path.realpath(Path(recipebook.__file__).parent / "recipes") == str(CONFIGS.resolve())
+    assert os.path.realpath(Path(nearswap_mergekit.__file__).parent / "recipes") == str(CONFIGS.resolve())
     assert recipebook.names() == sorted(p.stem for p in RECIPES)
     for name, summary in recipebook.catalog().items():
         assert recipebook.text(name) == (CONFIGS / f"{name}.yml").read_text()

@@ -227,7 +227,7 @@ metadata.version = lambda name: "0.1.6.dev0" if name == "mergekit" else real(nam
     result = python(
         patch + REGISTRY_HELPERS + textwrap.dedent(
             """
-            from nearswap_mergekit.registration import inspect
+            from nearswap_mergekit.method.registration import inspect
             print(pretty_name("nearswap_chain"), "|", inspect().describe())
             """
         ),

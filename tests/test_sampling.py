@@ -7,11 +7,12 @@ import pytest
 import torch
 from conftest import mergekit_independent
 
-from nearswap_mergekit import nearswap_chain, sampling
-from nearswap_mergekit.measuring import measure
-from nearswap_mergekit.planning import Stage, TensorJob, recipe_t
-from nearswap_mergekit.reader import TensorRows
-from nearswap_mergekit.sampling import sample_rows, summarize
+from nearswap_mergekit import nearswap_chain
+from nearswap_mergekit.plan import sampling
+from nearswap_mergekit.plan.measuring import measure
+from nearswap_mergekit.plan.planning import Stage, TensorJob, recipe_t
+from nearswap_mergekit.plan.reader import TensorRows
+from nearswap_mergekit.plan.sampling import sample_rows, summarize
 
 pytestmark = mergekit_independent
 T = 1e-3

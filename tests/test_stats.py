@@ -289,7 +289,8 @@ def test_several_global_targets_take_two_read_passes(workspace, monkeypatch):
     """`ladder --target-swap` with several targets: the coarse grid of t in one read
     pass, then every target's fine grid together in a second; each target gets the t
     a search of its own finds."""
-    from nearswap_mergekit import calibration, planning
+    from nearswap_mergekit.plan import calibration, planning
+    from nearswap_mergekit.plan.recipe import Plan
 
     # Absolute paths: mergekit caches loaders by path for the life of this process.
     workspace.write_recipe("targets.yml", {
@@ -299,7 +300,7 @@ def test_several_global_targets_take_two_read_passes(workspace, monkeypatch):
         "parameters": {"t": 1e-4},
         "dtype": "float16",
     })
-    jobs = planning.plan(planning.load_recipe(str(workspace.root / "targets.yml")))
+    jobs = Plan(str(workspace.root / "targets.yml")).jobs
     passes = []
     measure = calibration.measure
     monkeypatch.setattr(calibration, "measure", lambda *a, **k: passes.append(len(a[1])) or measure(*a, **k))

@@ -10,7 +10,8 @@ import yaml
 from conftest import mergekit_independent
 from safetensors.torch import load_file, save_file
 
-from nearswap_mergekit import measuring, planning, reader, sampling
+from nearswap_mergekit.plan import measuring, planning, reader, sampling
+from nearswap_mergekit.plan.recipe import Plan
 from nearswap_mergekit.tiny import TinyLlama, build_family
 
 #: MLP tensors of 8192 rows of 256 (or 256 of 8192): a 3 % sample reads a few
@@ -33,7 +34,7 @@ def plan_family(root):
         "dtype": "float16",
     }))
     files = [paths[name] / "model.safetensors" for name in ("miqu", "xwin")]
-    return planning.plan(planning.load_recipe(str(recipe))), files
+    return Plan(str(recipe)).jobs, files
 
 
 @pytest.fixture(scope="module")

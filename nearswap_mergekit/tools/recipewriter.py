@@ -17,7 +17,7 @@ from typing import Dict, Iterator, List, Mapping, Optional
 
 import yaml
 
-from nearswap_mergekit.spec import check_threshold
+from nearswap_mergekit.method.spec import check_threshold
 
 
 class RecipeWriteError(ValueError):

@@ -207,7 +207,11 @@ def resolve_commits(repo_ids: Sequence[str], note: Callable[[str], None] = lambd
     huggingface_hub is set to (HF_ENDPOINT). Raises PinError, naming the model, where
     the Hub cannot be asked or has no such model; HubError where it fails to answer."""
     from huggingface_hub import HfApi
-    from huggingface_hub.utils import HfHubHTTPError, OfflineModeIsEnabled, RepositoryNotFoundError
+    from huggingface_hub.utils import (
+        HfHubHTTPError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+    )
 
     api = HfApi()
     commits: Dict[str, str] = {}

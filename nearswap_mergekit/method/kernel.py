@@ -17,8 +17,8 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from nearswap_mergekit import _fused
-from nearswap_mergekit.spec import check_threshold
+from nearswap_mergekit.method import _fused
+from nearswap_mergekit.method.spec import check_threshold
 
 #: Elements per block on the CPU: small enough to stay in L2 cache, large enough
 #: to amortise per-op dispatch. Any value gives the same bits.

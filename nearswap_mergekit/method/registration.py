@@ -17,14 +17,14 @@ import logging
 from dataclasses import dataclass
 from typing import Optional
 
-from nearswap_mergekit.spec import METHOD_NAME
+from nearswap_mergekit.method.spec import METHOD_NAME
 
 log = logging.getLogger("nearswap_mergekit")
 
 #: The packages `nearswap_chain` can be registered with.
 PACKAGES = ("mergekit", "mergekitty")
 #: Each API's adapter module.
-ADAPTERS = {"0.1.5": "nearswap_mergekit.adapter_015", "0.1.4": "nearswap_mergekit.adapter_014"}
+ADAPTERS = {"0.1.5": "nearswap_mergekit.method.adapter_015", "0.1.4": "nearswap_mergekit.method.adapter_014"}
 #: What to install where a package offers no API this package knows.
 KNOWN_GOOD = "pip install 'mergekit==0.1.5'"
 
@@ -108,9 +108,11 @@ def _register_with(package: str) -> bool:
         if target.api == "0.1.5":
             if package != "mergekit":
                 raise RuntimeError(f"the 0.1.5 adapter is written for mergekit, not {package}")
-            from nearswap_mergekit.adapter_015 import nearswap_chain_merge as ours
+            from nearswap_mergekit.method.adapter_015 import (
+                nearswap_chain_merge as ours,
+            )
         else:
-            from nearswap_mergekit.adapter_014 import method_for
+            from nearswap_mergekit.method.adapter_014 import method_for
 
             ours = method_for(package)
         from nearswap_mergekit_hook import register_method

@@ -1,15 +1,15 @@
 """`nearswap-mergekit calibrate`: the t that fully swaps a target share of the
 weights per pass, per stage and as one global t, found by measuring the fraction
-(the read pass of nearswap_mergekit.measuring), never by interpolating it.
+(the read pass of nearswap_mergekit.plan.measuring), never by interpolating it.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Dict, List, Sequence, Tuple
 
-from nearswap_mergekit.measuring import measure
-from nearswap_mergekit.planning import TensorJob, stage_model
-from nearswap_mergekit.sampling import summarize
+from nearswap_mergekit.plan.measuring import measure
+from nearswap_mergekit.plan.planning import TensorJob, stage_model
+from nearswap_mergekit.plan.sampling import summarize
 
 
 def _log_grid(low: float, high: float, count: int) -> List[float]:
@@ -115,3 +115,29 @@ def calibrate(jobs: Sequence[TensorJob], target: float, sample: float = 1.0, pro
         ),
         "stages": stages,
     }
+
+
+#: calibrate --plot: points per stage, log-spaced from t / CURVE_SPAN to t * CURVE_SPAN.
+CURVE_POINTS = 17
+CURVE_SPAN = 100.0
+
+
+def calibration_curves(jobs, result: dict, sample: float, seed: int, progress: bool) -> list:
+    """Per stage, its full-swap fraction on a log grid of t around its chosen t, with
+    earlier stages at their chosen t (as calibrate searched): one more read pass."""
+    chosen = [stage["t"] for stage in result["stages"]]
+    grids = []
+    for t in chosen:
+        centre = t if t > 0 else 1e-9 * CURVE_SPAN  # t = 0: the smallest t searched
+        low = centre / CURVE_SPAN
+        grid = [low * CURVE_SPAN ** (2 * i / (CURVE_POINTS - 1)) for i in range(CURVE_POINTS)]
+        grids.append(sorted({*grid, t}))
+    cases = [(k, t) for k, grid in enumerate(grids) for t in grid]
+    settings = [lambda job, i, k=k, t=t: t if i == k else chosen[i] for k, t in cases]
+    measured = measure(jobs, settings, sample, progress, seed=seed)
+    curves = [{"t": [], "full_swap_fraction": []} for _ in chosen]
+    for (k, t), stages in zip(cases, measured):
+        curves[k]["t"].append(t)
+        fraction = summarize(list(stages[k].values()))["full_swap_fraction"]
+        curves[k]["full_swap_fraction"].append(fraction)
+    return curves

@@ -85,3 +85,42 @@ def plot_calibration(result: dict, curves: List[dict], path: str) -> None:
              title="Full swap against t per stage (chosen t starred)")
     axis.legend(fontsize=8)
     _save(figure, path)
+
+
+def plot_ladder(report: dict, path: str) -> None:
+    """PNG: bits per byte per text, and KL from the base, against the % of weights
+    fully swapped per pass (mean over stages); the base as a dotted line."""
+    from pathlib import Path
+
+    import matplotlib.ticker
+
+    plt = _pyplot()
+    base, *rungs = report["rungs"]
+    rungs = sorted((r for r in rungs if r["full_swap"]), key=lambda r: sum(r["full_swap"]))
+    swapped = [100 * sum(r["full_swap"]) / len(r["full_swap"]) for r in rungs]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for index, text in enumerate(report["texts"]):
+        name = Path(text["path"]).name
+        bits = [r["texts"][index]["bits_per_byte"] for r in rungs]
+        (line,) = left.plot(swapped, bits, marker="o", label=name)
+        left.axhline(base["texts"][index]["bits_per_byte"], color=line.get_color(), linestyle=":",
+                     linewidth=1.2, label=f"{name}: base")
+        kl = [r["texts"][index]["kl_from_base"] for r in rungs]
+        right.plot(swapped, kl, marker="o", color=line.get_color(), label=name)
+        if index == 0:  # name each rung once, beside the first text's points
+            for rung, x, y_bits, y_kl in zip(rungs, swapped, bits, kl):
+                for axis, y in ((left, y_bits), (right, y_kl)):
+                    axis.annotate(rung["label"], (x, y), textcoords="offset points", xytext=(4, 4),
+                                  fontsize=7, color="grey")
+    right.axhline(0.0, color="grey", linestyle=":", linewidth=1.2, label="base")
+    for axis in (left, right):
+        if swapped and min(swapped) > 0:
+            axis.set_xscale("log")
+            axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+            axis.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        axis.set_xlabel("% fully swapped per pass (mean over stages)")
+        axis.legend(fontsize=8)
+    left.set(ylabel="bits per byte", title="Bits per byte against full swap")
+    right.set(ylabel="KL(base || rung) per token, nats", title="KL from the base")
+    _save(figure, path)

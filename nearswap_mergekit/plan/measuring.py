@@ -2,7 +2,7 @@
 arithmetic, stage by stage, under one or several settings of t.
 
 Rows are read straight from the safetensors files, all of them or, with `sample`
-< 1, the runs of contiguous rows the row sample draws (nearswap_mergekit.sampling),
+< 1, the runs of contiguous rows the row sample draws (nearswap_mergekit.plan.sampling),
 and counted per tensor.
 """
 
@@ -18,10 +18,10 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from nearswap_mergekit.kernel import chain_with_row_stats
-from nearswap_mergekit.planning import Setting, TensorJob
-from nearswap_mergekit.reader import RowReader
-from nearswap_mergekit.sampling import RowSample, RowSums, sample_rows
+from nearswap_mergekit.method.kernel import chain_with_row_stats
+from nearswap_mergekit.plan.planning import Setting, TensorJob
+from nearswap_mergekit.plan.reader import RowReader
+from nearswap_mergekit.plan.sampling import RowSample, RowSums, sample_rows
 
 #: Elements per block of rows read and processed at once.
 BLOCK_ELEMENTS = 1 << 20

@@ -5,9 +5,6 @@ from __future__ import annotations
 import sys
 
 import torch
-from pydantic import BeforeValidator
-from typing_extensions import Annotated
-
 from mergekit.merge_methods.base import (
     BasePolicy,
     FunctionalGroupMergeMethod,
@@ -17,8 +14,11 @@ from mergekit.merge_methods.base import (
     TensorGroup,
 )
 from mergekit.merge_methods.easy_define import merge_method
-from nearswap_mergekit.kernel import nearswap_chain
-from nearswap_mergekit.spec import (
+from pydantic import BeforeValidator
+from typing_extensions import Annotated
+
+from nearswap_mergekit.method.kernel import nearswap_chain
+from nearswap_mergekit.method.spec import (
     METHOD_NAME,
     PRETTY_NAME,
     REFERENCE_URL,

@@ -1,10 +1,9 @@
 """Swap statistics of a `nearswap_chain` recipe, read the way the merge reads it:
 the report of `nearswap-mergekit stats`, per stage, per layer and per tensor.
 
-The recipe is planned in nearswap_mergekit.planning, its rows drawn in
-nearswap_mergekit.sampling and read in nearswap_mergekit.measuring; `calibrate`
-lives in nearswap_mergekit.calibration. `plan`, `load_recipe` and `calibrate` are
-re-exported here for scripts that call them as `stats.plan` and so on.
+The recipe is planned in nearswap_mergekit.plan.planning, its rows drawn in
+nearswap_mergekit.plan.sampling and read in nearswap_mergekit.plan.measuring; `calibrate`
+lives in nearswap_mergekit.plan.calibration.
 """
 
 from __future__ import annotations
@@ -13,14 +12,12 @@ import time
 from collections import Counter, defaultdict
 from typing import Dict, Optional, Sequence
 
-from nearswap_mergekit._fused import fused_available
-from nearswap_mergekit.calibration import calibrate
-from nearswap_mergekit.measuring import measure
-from nearswap_mergekit.planning import Setting, TensorJob, load_recipe, plan, recipe_t, stage_model
-from nearswap_mergekit.reader import Holdings
-from nearswap_mergekit.sampling import RowSums, summarize
-
-__all__ = ["calibrate", "load_recipe", "plan", "stage_report", "stats_report"]
+from nearswap_mergekit.method._fused import fused_available
+from nearswap_mergekit.plan.measuring import measure
+from nearswap_mergekit.plan.planning import Setting, TensorJob, recipe_t, stage_model
+from nearswap_mergekit.plan.reader import Holdings
+from nearswap_mergekit.plan.recipe import Plan
+from nearswap_mergekit.plan.sampling import RowSums, summarize
 
 
 def stage_report(jobs: Sequence[TensorJob], per_tensor: Dict[str, RowSums], index: int, setting: Setting):
@@ -49,16 +46,17 @@ def stage_report(jobs: Sequence[TensorJob], per_tensor: Dict[str, RowSums], inde
     }
 
 
-def stats_report(recipe: str, jobs, ts: Sequence[Optional[float]], sample: float, progress=True,
+def stats_report(plan: Plan, ts: Sequence[Optional[float]], sample: float, progress=True,
                  seed: int = 0):
     """The `stats` report: for each t (None: the recipe's own), every stage."""
+    jobs = plan.jobs
     settings = [recipe_t if t is None else (lambda job, k, t=t: t) for t in ts]
     fused_available()  # load (or build) the kernel first: that is not reading
     started = time.perf_counter()
     Holdings.peak = Holdings.held
     measured = measure(jobs, settings, sample, progress, seed=seed)
     return {
-        "recipe": recipe,
+        "recipe": plan.path,
         "sample": sample,
         "seed": seed,
         "read_seconds": time.perf_counter() - started,

@@ -11,22 +11,15 @@ import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
-import yaml
 
-from nearswap_mergekit.reader import RowReader, TensorRows, find_rows
-from nearswap_mergekit.registration import register
-from nearswap_mergekit.spec import METHOD_NAME
+from nearswap_mergekit.method.registration import register
+from nearswap_mergekit.plan.reader import RowReader, TensorRows, find_rows
+from nearswap_mergekit.plan.recipe import RecipeError
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
-
-
-class RecipeError(ValueError):
-    """A recipe that stats, calibrate or ladder cannot work on; the message says why
-    and how to fix it."""
 
 
 @dataclass
@@ -54,7 +47,6 @@ class TensorJob:
         if self.vocabulary_task is None:
             return self.readers
         from mergekit.graph import Executor
-
         from mergekit.io.tasks import LoaderCache
 
         ((_, aligned),) = Executor([self.vocabulary_task]).run(quiet=True)
@@ -67,27 +59,6 @@ class TensorJob:
         match = _LAYER.search(self.name)
         return int(match.group(1)) if match else None
 
-
-
-def load_recipe(path: str):
-    """Parse a recipe with mergekit's own MergeConfiguration."""
-    from mergekit.config import MergeConfiguration
-
-    register("mergekit")  # a no-op where the start-up hook has done it
-    if not os.path.isfile(path):
-        raise RecipeError(f"recipe {path!r} does not exist")
-    try:
-        config = MergeConfiguration.model_validate(yaml.safe_load(Path(path).read_text()))
-    except yaml.YAMLError as error:
-        raise RecipeError(f"recipe {path!r} is not valid YAML: {error}") from None
-    except Exception as error:
-        raise RecipeError(f"recipe {path!r} is not a mergekit recipe: {error}") from None
-    if config.merge_method != METHOD_NAME:
-        raise RecipeError(
-            f"recipe {path!r} uses merge_method {config.merge_method!r}; "
-            f"stats and calibrate work on {METHOD_NAME!r} recipes"
-        )
-    return config
 
 
 def output_config(config, arch_info, options):
@@ -177,7 +148,7 @@ def _chain_of(task):
         return (task, task.model_order, task.base_model,
                 lambda model: task.input_parameters[model]["t"],
                 bool(task.parameters.get("round_stages", True)))
-    if hasattr(task, "thresholds"):  # mergekit 0.1.4, nearswap_mergekit.adapter_014
+    if hasattr(task, "thresholds"):  # mergekit 0.1.4, nearswap_mergekit.method.adapter_014
         thresholds = dict(zip(task.secondaries, task.thresholds))
         return (task, (task.base_model, *task.secondaries), task.base_model,
                 thresholds.__getitem__, task.round_stages)

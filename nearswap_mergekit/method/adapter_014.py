@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from nearswap_mergekit.kernel import nearswap_chain
-from nearswap_mergekit.spec import (
+from nearswap_mergekit.method.kernel import nearswap_chain
+from nearswap_mergekit.method.spec import (
     METHOD_NAME,
     PRETTY_NAME,
     REFERENCE_URL,

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
-import yaml
 
-from nearswap_mergekit.reader import SAFETENSORS_DTYPES
-from nearswap_mergekit.spec import CARD_GARBAGE_T, METHOD_NAME, parse_threshold
+from nearswap_mergekit.method.spec import CARD_GARBAGE_T, METHOD_NAME, parse_threshold
+from nearswap_mergekit.plan.reader import SAFETENSORS_DTYPES
+from nearswap_mergekit.plan.recipe import Plan
 
 PROBLEM, WARNING, NOT_CHECKED, INFO = "problem", "warning", "not checked", "ok"
 #: Read rate (bytes/s) of a whole chain merge from disk, start-up included, when the
@@ -89,10 +89,6 @@ def predicted_need_bytes(largest_tensor_bytes: int, out_shard_bytes: int, async_
                + NEED_ALIGNED_VOCABULARY_FACTOR * vocab_aligned_bytes)
 
 
-def documents(path: Path) -> List[dict]:
-    return [doc for doc in yaml.safe_load_all(path.read_text(encoding="utf-8")) if doc is not None]
-
-
 def looks_like_hub_id(text: str) -> bool:
     """mergekit asks the Hub about a path with exactly one slash that is not
     written as local (./, ../, /, ~)."""
@@ -149,15 +145,15 @@ def gb(count: float) -> str:
     return f"{count / 1e9:,.1f} GB"
 
 
-def check(recipe: Path, out: Optional[Path], options, read_rate: float = MEASURED_READ_RATE,
+def check(plan: Plan, out: Optional[Path], read_rate: float = MEASURED_READ_RATE,
           workdir: Optional[Path] = None) -> Report:
-    """Everything `check` reports about RECIPE run into OUT with mergekit `options`
-    (a mergekit MergeOptions). Model paths resolve against `workdir` (the folder
-    mergekit-yaml runs in)."""
+    """Everything `check` reports about the plan's recipe run into OUT with the plan's
+    mergekit options (a MergeOptions). Model paths resolve against `workdir` (the
+    folder mergekit-yaml runs in)."""
     from mergekit.common import ModelReference
     from mergekit.config import MergeConfiguration
 
-    from nearswap_mergekit.registration import inspect
+    from nearswap_mergekit.method.registration import inspect
 
     report = Report()
     workdir = workdir or Path.cwd()
@@ -173,7 +169,7 @@ def check(recipe: Path, out: Optional[Path], options, read_rate: float = MEASURE
                             "nearswap-mergekit into the environment that runs mergekit-yaml "
                             "(or unset NEARSWAP_MERGEKIT_NO_HOOK)")
 
-    stages = documents(recipe)
+    stages = plan.documents
     stage_names = {doc.get("name") for doc in stages if doc.get("name")}
     checkpoints: Dict[str, Checkpoint] = {}
     to_download: List[str] = []
@@ -227,7 +223,7 @@ def check(recipe: Path, out: Optional[Path], options, read_rate: float = MEASURE
                                     "must exist, a Hub id is written org/name")
         _compare_models(report, where, body, [checkpoints[t] for t in _model_texts(body) if t in checkpoints])
 
-    _resources(report, stages, checkpoints, to_download, out, options, read_rate)
+    _resources(report, stages, checkpoints, to_download, out, plan.options, read_rate)
     return report
 
 

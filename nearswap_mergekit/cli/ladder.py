@@ -1,0 +1,204 @@
+"""`nearswap-mergekit ladder`: score a ladder of t on your own text, writing no model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from nearswap_mergekit.cli.common import (
+    BadInput,
+    check_target_swap,
+    check_ts,
+    hide_progress_bars,
+    load_plan,
+    planning_options,
+    reading,
+    require_matplotlib,
+    rewriting,
+    write_json,
+)
+from nearswap_mergekit.ladder import EVAL_DTYPES
+
+
+def _check_ladder_method(recipe: str) -> None:
+    """A recipe for another merge method is bad input for `ladder` (said before planning)."""
+    import yaml
+
+    from nearswap_mergekit.method.spec import METHOD_NAME
+
+    try:
+        data = yaml.safe_load(Path(recipe).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return  # planning says what is wrong with the file
+    method = data.get("merge_method") if isinstance(data, dict) else None
+    if method is not None and method != METHOD_NAME:
+        raise BadInput(
+            f"recipe {recipe!r} uses merge_method {method!r}; ladder scores {METHOD_NAME!r} "
+            f"recipes: set merge_method: {METHOD_NAME}"
+        )
+
+
+def _ladder_table(report: dict) -> list:
+    """The report as one table per text."""
+    lines = []
+    width = max(14, *(len(rung["label"]) for rung in report["rungs"]))
+    for index, text in enumerate(report["texts"]):
+        lines += [
+            "",
+            f"{text['path']}: {text['bytes']:,} bytes, {text['tokens']:,} tokens, context {report['context']}",
+            f"{'rung':<{width}}  {'t':>9}  {'full swap':>9}  {'perplexity':>10}  {'bits/byte':>9}  "
+            f"{'KL from base':>12}  {'top-1 agree':>11}",
+        ]
+        for rung in report["rungs"]:
+            scores = rung["texts"][index]
+            swap = rung["full_swap"]
+            swap_text = f"{100 * sum(swap) / len(swap):8.3f}%" if swap else f"{'':>9}"
+            t_text = f"{rung['t']:>9.3g}" if rung["t"] is not None else f"{'':>9}"
+            lines.append(
+                f"{rung['label']:<{width}}  {t_text}  {swap_text}  {scores['perplexity']:>10.4f}  "
+                f"{scores['bits_per_byte']:>9.5f}  {scores['kl_from_base']:>12.3e}  "
+                f"{100 * scores['top1_agreement']:>10.2f}%"
+            )
+    lines.append("")
+    lines.append(
+        f"full swap: % of weights fully swapped per pass (mean over stages); "
+        f"{report['batches']} forward(s) per rung; {report['bytes_read']:,} bytes read; "
+        f"peak {report['peak_bytes_held']:,} bytes of merged weights held; {report['wall_seconds']:.1f} s"
+    )
+    return lines
+
+
+def _rung_recipe_name(recipe: str, label: str) -> str:
+    slug = label.replace("=", "").replace("%", "pct").replace(" ", "")
+    return f"{Path(recipe).stem}-{slug}.yml"
+
+
+@click.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--text", "texts", multiple=True, required=True, metavar="FILE",
+              help="A UTF-8 text file to score every rung on; repeat for several.")
+@click.option("--t", "ts", multiple=True, metavar="T", callback=check_ts,
+              help="A rung with this t for every stage (as `stats --t`); repeat for a ladder.")
+@click.option("--target-swap", "targets", multiple=True, metavar="FRACTION", callback=check_target_swap,
+              help="A rung at calibrate's global t for this share of weights fully swapped per "
+              "pass: a fraction (0.008) or a percentage (0.8%); repeat; combines with --t. "
+              "Without --t and --target-swap: the recipe's own t.")
+@click.option("--context", type=int, metavar="N",
+              help="Positions per window, the BOS included (default: 2048, or the model's "
+              "max_position_embeddings where smaller).")
+@click.option("--batch", type=click.IntRange(min=1), metavar="N",
+              help="Windows per forward (default: all windows of one length at once). The base "
+              "row, each rung and each --with-inputs row hold their batch's log-probabilities until "
+              "it is scored: rows x N x context x vocabulary x 4 bytes.")
+@click.option("--eval-dtype", type=click.Choice(EVAL_DTYPES),
+              help="dtype the model runs in (default: float32 on the CPU, the recipe's dtype "
+              "on CUDA); the log-softmax is float32 whatever it is.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the weights are merged and the forwards run.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the full report here.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Write a PNG: bits per byte and KL from the base against the full-swap %.")
+@click.option("--recipes", "recipes_dir", type=click.Path(file_okay=False),
+              help="Write one recipe per --t or --target-swap rung into this folder, its t as "
+              "the global t, ready for mergekit-yaml.")
+@click.option("--prompt", "prompts", multiple=True, metavar="TEXT",
+              help="Also continue this prompt greedily with every rung; repeat. Slow: every "
+              "generated token is a full forward that reads and merges every weight again.")
+@click.option("--max-new-tokens", default=32, show_default=True, type=click.IntRange(min=1), metavar="N",
+              help="Tokens generated per --prompt.")
+@click.option("--with-inputs", is_flag=True,
+              help="Also score each secondary alone (vocabulary-aligned, as the chain reads it): "
+              "reference rows, after the rungs, in the table and --json (not in --plot).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@planning_options
+def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_path, plot_path,
+           recipes_dir, prompts, max_new_tokens, with_inputs, quiet, **flags):
+    """Score a ladder of t on your own text, and write no model: per rung, the
+    perplexity and bits per byte of each --text, the KL from the base and top-1
+    agreement with it, and the full-swap fraction per stage.
+
+    Each rung's model is the one mergekit-yaml would write for RECIPE at that t,
+    merged a weight at a time as transformers' forward reaches it and let go
+    after; the base row (t = 0) and the rungs run together and share each read of
+    the inputs. The scoring rule is written out in the docstring of
+    nearswap_mergekit/ladder/scoring.py.
+
+    \b
+    nearswap-mergekit ladder quartet.yml --text notes.txt --target-swap 0.8% --target-swap 10% --t 0.0025
+    """
+    hide_progress_bars(quiet)
+    from nearswap_mergekit.ladder import engine, scoring
+    from nearswap_mergekit.ladder import setup as ladder_setup
+    from nearswap_mergekit.ladder.output import execution_device
+    from nearswap_mergekit.ladder.rungs import LadderError
+    from nearswap_mergekit.tools import recipewriter
+
+    try:  # bad input first: nothing is planned, read or written before these pass
+        contents = [scoring.read_text(path) for path in texts]
+    except scoring.TextError as error:
+        raise BadInput(str(error)) from None
+    if context is not None and context < 2:
+        raise BadInput(f"--context {context}: a window needs 2 positions or more (one to "
+                        "condition on, one to score)")
+    try:
+        execution_device(device)
+    except LadderError as error:
+        raise BadInput(str(error)) from None
+    if recipes_dir:
+        if not (ts or targets):
+            raise click.UsageError("--recipes writes one recipe per --t or --target-swap rung; give one of those")
+        if Path(recipes_dir).exists() and not Path(recipes_dir).is_dir():
+            raise BadInput(f"--recipes {recipes_dir}: not a folder")
+        # A recipe that cannot be rewritten: say so before the long part (checked
+        # beside the recipe where the folder is still to be made).
+        folder = Path(recipes_dir) if Path(recipes_dir).is_dir() else Path(recipe).parent
+        with rewriting():
+            recipewriter.build_recipe(recipe, str(folder / _rung_recipe_name(recipe, "check")), None, 0.0)
+    if plot_path:
+        require_matplotlib()
+    _check_ladder_method(recipe)
+    plan = load_plan(recipe, flags)
+    if not plan.jobs:
+        raise click.ClickException(f"{recipe}: no tensor has both a base and a secondary")
+    request = ladder_setup.Request(
+        texts=texts, contents=contents, ts=ts, targets=targets, context=context, batch=batch,
+        eval_dtype=eval_dtype, device=device, prompts=prompts, max_new_tokens=max_new_tokens,
+        with_inputs=with_inputs, progress=not quiet,
+    )
+    problem = None
+    with reading(recipe):
+        try:
+            setup, rungs, references = ladder_setup.prepare(plan, request)
+        except LadderError as error:  # reading would take it for a failure
+            problem = str(error)
+    if problem:
+        raise BadInput(problem)
+    try:
+        report = engine.run(setup, rungs + references)
+    except LadderError as error:
+        raise BadInput(str(error)) from None
+    except Exception as error:  # unreadable inputs, out of memory, a model transformers cannot run
+        raise click.ClickException(f"ladder on {recipe} failed: {type(error).__name__}: {error}") from None
+    for line in _ladder_table(report):
+        click.echo(line)
+    for rung in report["rungs"] if prompts else ():
+        for item in rung["continuations"]:
+            click.echo(f"{rung['label']}: {item['prompt']!r} -> {item['continuation']!r}")
+    write_json(json_path, report)
+    if plot_path:
+        from nearswap_mergekit.cli.plot import plot_ladder
+
+        plot_ladder(report, plot_path)
+        click.echo(f"wrote {plot_path}")
+    if recipes_dir:
+        Path(recipes_dir).mkdir(parents=True, exist_ok=True)
+        for rung, row in zip(rungs, report["rungs"][1:]):
+            path = str(Path(recipes_dir) / _rung_recipe_name(recipe, rung.label))
+            scores = "; ".join(f"{Path(s['path']).name}: {s['bits_per_byte']:.5f} bits/byte, KL "
+                               f"{s['kl_from_base']:.3e}" for s in row["texts"])
+            header = (f"{recipe} with one global t = {rung.t:.6g}: the rung {rung.label!r} of "
+                      f"nearswap-mergekit ladder\n{scores}")
+            with rewriting():
+                recipewriter.write_recipe(recipe, path, None, rung.t, header)
+            click.echo(f"wrote {path}")

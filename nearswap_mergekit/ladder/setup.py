@@ -1,0 +1,85 @@
+"""A ladder run made ready from a plan and what the user asked for: the merged
+model's config and tokenizer, the windows of each text, the eval dtype, and the
+rungs (each --t, each --target-swap calibrated to its global t, or the recipe's
+own t), before any weight is read for scoring."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from nearswap_mergekit.ladder import EVAL_DTYPES, scoring
+from nearswap_mergekit.ladder.engine import LadderRun
+from nearswap_mergekit.ladder.output import execution_device, output_model
+from nearswap_mergekit.ladder.rungs import (
+    LadderError,
+    Rung,
+    global_rung,
+    input_rung,
+    recipe_rung,
+)
+from nearswap_mergekit.plan import calibration
+from nearswap_mergekit.plan.recipe import Plan
+
+#: Default longest window, where the model allows it.
+DEFAULT_CONTEXT = 2048
+
+
+@dataclass
+class Request:
+    """What the user asked the ladder for (the command's flags)."""
+
+    texts: Sequence[str]
+    contents: Sequence[str]
+    ts: Sequence[float] = ()
+    targets: Sequence[float] = ()
+    context: Optional[int] = None
+    batch: Optional[int] = None
+    eval_dtype: Optional[str] = None
+    device: str = "cpu"
+    prompts: Sequence[str] = ()
+    max_new_tokens: int = 32
+    with_inputs: bool = False
+    progress: bool = True
+
+
+def prepare(plan: Plan, request: Request) -> Tuple[LadderRun, List[Rung], List[Rung]]:
+    """The run, its rungs (sorted by t) and its reference rows; LadderError for input
+    the ladder cannot use."""
+    jobs = plan.jobs
+    execution = execution_device(request.device)
+    output = output_model(plan.config, plan.options)
+    positions = output.positions
+    context = request.context
+    if context is None:
+        context = min(DEFAULT_CONTEXT, positions or DEFAULT_CONTEXT)
+    elif positions and context > positions:
+        raise LadderError(f"--context {context} is more than the model's {positions} positions "
+                          f"(max_position_embeddings): use --context {positions} or less")
+    try:
+        text_set = scoring.prepare(request.texts, request.contents, output.tokenizer, context)
+    except scoring.TextError as error:
+        raise LadderError(str(error)) from None
+    eval_dtype = request.eval_dtype
+    if eval_dtype is None:
+        recipe_dtype = plan.config.dtype if plan.config.dtype in EVAL_DTYPES else "float32"
+        eval_dtype = "float32" if request.device == "cpu" else recipe_dtype
+    rungs = [global_rung(t) for t in dict.fromkeys(request.ts)]
+    targets = list(dict.fromkeys(request.targets))
+    if targets:
+        found = calibration.global_ts_for_targets(jobs, targets, progress=request.progress)
+        rungs += [global_rung(t, f"swap {100 * target:g}%") for target, (t, _) in zip(targets, found)]
+    rungs.sort(key=lambda rung: rung.t)
+    rungs = rungs or [recipe_rung(jobs)]
+    setup = LadderRun(
+        recipe=plan.path, config=plan.config, jobs=jobs, output=output, texts=text_set, context=context,
+        batch=request.batch, device=execution, eval_dtype=getattr(torch, eval_dtype), prompts=request.prompts,
+        max_new_tokens=request.max_new_tokens, progress=request.progress,
+    )
+    # Every secondary of any tensor's chain, in chain order (slices may give a stage
+    # to different models in different layers).
+    secondaries = dict.fromkeys(stage.model for job in jobs for stage in job.stages)
+    references = [input_rung(model) for model in secondaries] if request.with_inputs else []
+    return setup, rungs, references
