@@ -36,16 +36,16 @@ from pathlib import Path
 import click
 import torch
 import yaml
-from run import drop_page_cache, machine, recipes
+from harness import (HERE, checkpoint_files, drop_page_cache, folders, machine, offline_env,
+                     read_bytes, recipes, run_child, write_json, write_markdown)
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from nearswap_mergekit import sampling
-from nearswap_mergekit.reader import SafetensorsRows, safetensors_header
+from nearswap_mergekit.plan import sampling
+from nearswap_mergekit.plan.reader import SafetensorsRows, safetensors_header
 from nearswap_mergekit.tiny import (QUARTET, TinyLlama, _llama_config, base_tensor,
                                     llama_tensor_shapes, secondary_tensor)
 
-HERE = Path(__file__).resolve().parent
 SPEC = TinyLlama(hidden_size=8192, intermediate_size=28672, num_hidden_layers=1,
                  num_attention_heads=64, num_key_value_heads=8, dtype=torch.bfloat16)
 VOCAB = 32000
@@ -116,10 +116,6 @@ def make_checkpoints(work: Path) -> dict:
     return paths
 
 
-def checkpoint_files(paths: dict) -> list:
-    return sorted(f for path in paths.values() for f in Path(path).glob("*.safetensors"))
-
-
 def cached_bytes(files: list) -> int:
     """Bytes of these files now in the page cache."""
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES",
@@ -150,12 +146,7 @@ def run_stats(recipe: Path, sample: float, work: Path, files: list) -> dict:
     cache = drop_page_cache(work)
     command = [sys.executable, "-c", CHILD, "stats", str(recipe), "--sample", f"{sample:g}",
                "--json", str(report), "--quiet"]
-    start = time.perf_counter()
-    result = subprocess.run(command, capture_output=True, text=True,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "COLD_SAMPLE_IO": str(io)})
-    wall = time.perf_counter() - start
-    if result.returncode:
-        raise click.ClickException(f"stats --sample {sample:g} failed:\n{result.stderr[-2000:]}")
+    _, wall = run_child(command, f"stats --sample {sample:g}", env=offline_env(COLD_SAMPLE_IO=str(io)))
     counters, measured = json.loads(io.read_text()), json.loads(report.read_text())
     stage = measured["results"][0]["stages"][0]
     return {
@@ -168,11 +159,6 @@ def run_stats(recipe: Path, sample: float, work: Path, files: list) -> dict:
         "stage1_full_swap_fraction": stage["full_swap_fraction"],
         "stage1_full_swap_fraction_se": stage["full_swap_fraction_se"],
     }
-
-
-def _read_bytes() -> int:
-    with open("/proc/self/io") as io:
-        return next(int(line.split()[1]) for line in io if line.startswith("read_bytes"))
 
 
 def _madvise_random(tensor: torch.Tensor) -> None:
@@ -238,9 +224,9 @@ def read_ways(base: Path, work: Path, sample: float) -> dict:
     for label, way in ways.items():
         gc.collect()
         drop_page_cache(work)
-        before, start = _read_bytes(), time.perf_counter()
+        before, start = read_bytes(), time.perf_counter()
         way()
-        results[label] = {"seconds": time.perf_counter() - start, "read_bytes": _read_bytes() - before}
+        results[label] = {"seconds": time.perf_counter() - start, "read_bytes": read_bytes() - before}
         click.echo(f"  {label}: {results[label]['read_bytes'] / 2**20:.1f} MiB, "
                    f"{results[label]['seconds']:.2f} s")
     return results
@@ -340,9 +326,7 @@ def main(repeats, work, results, delete_checkpoints):
     """Cold-cache runs of stats --sample 1 and 0.01; writes cold_sample.{json,md}."""
     if not shutil.which("fincore"):
         raise click.UsageError("fincore (util-linux) is needed: apt-get install util-linux")
-    work, results = Path(work).resolve(), Path(results).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
+    work, results = folders(work, results)
     paths = make_checkpoints(work)
     files = checkpoint_files(paths)
     recipe = work / "recipe.yml"
@@ -362,9 +346,8 @@ def main(repeats, work, results, delete_checkpoints):
     report["read_ways"] = read_ways(paths[QUARTET[0]], work, 0.01)
     report["load_after"] = os.getloadavg()[0]
     report["summary"] = summary(report["runs"], report["input_bytes"])
-    (results / "cold_sample.json").write_text(json.dumps(report, indent=2) + "\n")
-    (results / "cold_sample.md").write_text(markdown(report))
-    click.echo((results / "cold_sample.md").read_text())
+    write_json(results / "cold_sample.json", report)
+    write_markdown(results / "cold_sample.md", markdown(report))
     if delete_checkpoints:
         shutil.rmtree(Path(paths[QUARTET[0]]).parent)
 

@@ -18,16 +18,15 @@ import platform
 import shutil
 import statistics
 import tempfile
-import time
 from datetime import date
-from pathlib import Path
 
 import click
 import torch
+from harness import HERE, cpu_model, seconds, write_markdown
 
-from nearswap_mergekit import _fused, nearswap_chain
+from nearswap_mergekit.method import _fused
+from nearswap_mergekit import nearswap_chain
 
-HERE = Path(__file__).resolve().parent
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 COMPILERS = ["gcc", "clang", "gcc-11"]
 T = [1e-4, 1e-3, 1e-2]
@@ -69,12 +68,7 @@ def runner(library, backend: str):
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_model(platform.processor() or platform.machine())
     return f"{os.cpu_count()} cores ({cpu}), torch {torch.__version__}"
 
 
@@ -89,9 +83,7 @@ def measure(contenders: dict, size: int, repeats: int):
             digests[key][name] = hashlib.sha256(run(base, secondaries).view(torch.uint8).numpy()).hexdigest()
         for _ in range(repeats):  # alternate the contenders
             for key, (_, run) in contenders.items():
-                start = time.perf_counter()
-                run(base, secondaries)
-                times[key].append(time.perf_counter() - start)
+                times[key].append(seconds(run, base, secondaries))
         for key in contenders:
             speeds[key][name] = gigabytes / statistics.median(times[key])
         click.echo(f"{name}: " + ", ".join(f"{k[0]} {v[name]:.2f}" for k, v in speeds.items()))
@@ -142,10 +134,8 @@ def main(size: int, repeats: int):
         else:
             f16c = "yes" if "__F16C__" in info["macros"] else "no"
             lines.append(f"| fused, {key[0]} | {info['version']} | {key[1]} | {f16c} | {row} | {same} |")
-    text = "\n".join(lines) + "\n"
-    click.echo(text)
     (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "compilers.md").write_text(text)
+    write_markdown(HERE / "results" / "compilers.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

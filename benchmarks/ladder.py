@@ -25,7 +25,7 @@ which time their own phases: start-up is from the launch to the end of the impor
 for the naive route the mergekit-yaml child times its own imports (start-up) and its
 `main()` (read + merge + write), and the scoring process times each load and each
 `score_model` call (forward). The ladder's child runs the `ladder` command in-process
-(`cli.main`) with a timer around `ladder.run` (reading, merging and the forward passes,
+(`cli.main`) with a timer around `ladder.engine.run` (reading, merging and the forward passes,
 in lockstep threads, inseparable from inside); the rest of the command is planning
 (mergekit's planner, tokenizer, text). The full-swap counts are taken inside `ladder.run`'s
 read + merge. The ladder's forward time is taken to be the naive route's measured forwards
@@ -42,7 +42,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -52,12 +51,13 @@ import yaml
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import RECOMMENDED_FLAGS, drop_page_cache, machine, make_checkpoints, recipes  # noqa: E402
+from harness import (GIB, NVME_READ_GB_S, RECOMMENDED_FLAGS, REPO, SEVENTY_B_GB,  # noqa: E402
+                     AnonPoller, MemoryCgroup, check_cgroups, drop_page_cache, folders, goal_rows,
+                     goal_table, in_cgroup, input_bytes, machine, make_checkpoints, offline_env,
+                     read_bytes, recipes, rss_anon, write_json, write_markdown)
 
 from nearswap_mergekit.tiny import QUARTET  # noqa: E402
 
-REPO = HERE.parent
-GIB = 2**30
 #: The QuartetAnemoi card's ladder of t (the base row, t = 0, comes with every ladder).
 CARD_TS = (0.0001, 0.0003, 0.001, 0.0025, 0.005, 0.01)
 #: The rungs of the from-disk run: enough to see the reads, short enough to repeat.
@@ -68,33 +68,22 @@ POLL_S = 0.02
 
 # Llama-2-70B (80 layers, hidden 8192, MLP 28672, 64 heads, 8 KV heads, vocabulary 32,000).
 SEVENTY_B = {"hidden": 8192, "intermediate": 28672, "layers": 80, "heads": 64, "kv_heads": 8, "vocab": 32000}
-SEVENTY_B_GB = 138.0
 #: Published peak dense bf16 throughput and HBM bandwidth of one H100 SXM, and
-#: assumed shares of them; an NVMe drive as performance.md assumes it; PCIe 5.0 x16.
+#: assumed shares of them; PCIe 5.0 x16 (the NVMe drive: harness.NVME_READ_GB_S).
 GPU_BF16_FLOPS, GPU_FLOP_SHARE = 989e12, 0.4
 GPU_HBM_BYTES_S, GPU_HBM_SHARE = 3.35e12, 0.5
-NVME_READ_GB_S = 3.0
 PCIE_GB_S = 25.0
 
 
 # --- the children --------------------------------------------------------------------------
 # Each child is `python -c CHILD FUNCTION ARGS...`: it imports this file (click, yaml,
-# torch via run.py: all of which the measured programs import anyway) and times itself.
+# torch via harness.py: all of which the measured programs import anyway) and times itself.
 
 CHILD = "import sys; sys.path.insert(0, sys.argv[1]); import ladder; getattr(ladder, sys.argv[2])(sys.argv[3:])"
 
 
 def child_command(function: str, *args: object) -> List[str]:
     return [sys.executable, "-c", CHILD, str(HERE), function, *map(str, args)]
-
-
-def read_bytes() -> int:
-    """Bytes this process (all its threads) caused to be read from a block device."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        key, _, value = line.partition(": ")
-        if key == "read_bytes":
-            return int(value)
-    return 0
 
 
 class Phases:
@@ -129,7 +118,7 @@ def ladder_child(argv: Sequence[str]) -> None:
     import transformers  # noqa: F401
 
     from nearswap_mergekit import cli
-    from nearswap_mergekit import ladder as laddering
+    from nearswap_mergekit.ladder import engine as laddering
 
     phases.mark("start-up")
     run = laddering.run
@@ -174,7 +163,7 @@ def naive_child(argv: Sequence[str]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nearswap_mergekit import scoring
+    from nearswap_mergekit.ladder import scoring
 
     phases.mark("start-up")
     plan = json.loads(Path(plan_path).read_text())
@@ -213,30 +202,6 @@ def naive_child(argv: Sequence[str]) -> None:
 # --- watching a child ----------------------------------------------------------------------
 
 
-def descendants(pid: int) -> List[int]:
-    """pid and every process below it (from /proc/PID/task/*/children)."""
-    found, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        found.append(current)
-        try:
-            for task in Path(f"/proc/{current}/task").iterdir():
-                queue += [int(c) for c in (task / "children").read_text().split()]
-        except OSError:
-            continue
-    return found
-
-
-def rss_anon(pid: int) -> Optional[int]:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return 0
-
-
 def process_name(pid: int) -> str:
     """'mergekit-yaml', 'ladder', 'naive' or the command's first word."""
     try:
@@ -250,36 +215,6 @@ def process_name(pid: int) -> str:
     return Path(words[0].decode(errors="replace")).name
 
 
-class AnonPoller(threading.Thread):
-    """Polls RssAnon of a process and its descendants: the peak of each process (by
-    name) and of their sum."""
-
-    def __init__(self, pid: int, interval_s: float = POLL_S):
-        super().__init__(daemon=True)
-        self.pid, self.interval_s = pid, interval_s
-        self.peaks: Dict[str, int] = {}
-        self.peak_sum = 0
-        self.names: Dict[int, str] = {}
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            total = 0
-            for pid in descendants(self.pid):
-                value = rss_anon(pid)
-                if not value:
-                    continue
-                name = self.names.get(pid) or self.names.setdefault(pid, process_name(pid))
-                self.peaks[name] = max(self.peaks.get(name, 0), value)
-                total += value
-            self.peak_sum = max(self.peak_sum, total)
-            self.stopping.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join()
-
-
 def children_cpu_s() -> float:
     """CPU seconds of this process's waited-for descendants (theirs included)."""
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -287,17 +222,16 @@ def children_cpu_s() -> float:
 
 
 def watched(command: List[str], report_path: Path, cgroup=None, timeout_s: Optional[float] = None) -> Dict:
-    """Run a child (in `cgroup`, a memory.MemoryCgroup, where given), polling its
+    """Run a child (in `cgroup`, a harness.MemoryCgroup, where given), polling its
     anonymous memory; its report, wall time, load average and peaks."""
     if cgroup is not None:
-        # The shell joins the cgroup, then becomes the command: nothing runs outside it.
-        command = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup.procs_file), *command]
+        command = in_cgroup(command, cgroup)
     load_before = os.getloadavg()
     cpu_before = children_cpu_s()
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    poller = AnonPoller(process.pid)
+                               env=offline_env())
+    poller = AnonPoller(process.pid, POLL_S, process_name)
     poller.start()
     try:
         stdout, stderr = process.communicate(timeout=timeout_s)
@@ -356,7 +290,7 @@ def text_of_tokens(tokenizer_folder: str, tokens: int, out: Path) -> int:
     """Write the longest prefix of COPYING that is at most `tokens` tokens; its tokens."""
     from transformers import AutoTokenizer
 
-    from nearswap_mergekit import scoring
+    from nearswap_mergekit.ladder import scoring
 
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder)
     source = TEXT_SOURCE.read_text(encoding="utf-8")
@@ -402,10 +336,6 @@ def naive_command(paths: Dict[str, str], text: Path, ts: Sequence[float], contex
     plan_path = work / "naive-plan.json"
     plan_path.write_text(json.dumps(plan, indent=2) + "\n")
     return child_command("naive_child", time.time(), plan_path, report_path)
-
-
-def input_bytes(paths: Dict[str, str]) -> int:
-    return sum(f.stat().st_size for name in QUARTET for f in Path(paths[name]).glob("*.safetensors"))
 
 
 def forward_flops(config: Dict, tokens: int) -> float:
@@ -576,9 +506,7 @@ def raw_read_gb_s(paths: Dict[str, str], work: Path) -> float:
 
 
 def from_disk(work: Path, params: float, limit_gib: float, tokens: int, timeout_s: float) -> Dict:
-    import memory
-
-    memory.check_cgroups()
+    check_cgroups()
     paths = make_checkpoints(work, params)
     inputs = input_bytes(paths)
     if limit_gib * GIB >= inputs:
@@ -595,7 +523,7 @@ def from_disk(work: Path, params: float, limit_gib: float, tokens: int, timeout_
 
     click.echo(f"  ladder, limit {limit_gib:g} GiB")
     result["cache"] = drop_page_cache(work)
-    cgroup = memory.MemoryCgroup(int(limit_gib * GIB))
+    cgroup = MemoryCgroup(int(limit_gib * GIB))
     report_path, ladder_json = work / "ladder-disk-report.json", work / "ladder-disk.json"
     try:
         command = ladder_command(recipe, text, DISK_TS, tokens, ladder_json, report_path)
@@ -730,11 +658,8 @@ def markdown(report: Dict) -> str:
         "inside: its forward row is the naive route's measured forwards (the same seven, same shapes, "
         "dtype and tokens) and its read + merge is the rest of `ladder.run`.",
         "",
-        "| goal | measured | met |",
-        "|---|---:|:---:|",
+        *goal_table(report["goals"], ".3g"),
     ]
-    for goal in report["goals"]:
-        lines.append(f"| {goal['goal']} | {goal['measured']:.3g} | {'yes' if goal['met'] else 'no'} |")
     worst = max(c["nll_relative_difference"].values())
     lines += [
         "",
@@ -826,8 +751,7 @@ def goals(report: Dict) -> List[Dict]:
     if "disk_summary" in report:
         rows.append(("from disk: bytes read from the device (start-up excluded) / inputs <= 1.2",
                      report["disk_summary"]["read_over_inputs"], 1.2, False))
-    return [{"goal": name, "measured": value, "met": value >= bound if at_least else value <= bound}
-            for name, value, bound, at_least in rows]
+    return goal_rows(rows)
 
 
 @click.command()
@@ -855,11 +779,9 @@ def main(params, context, repeats, disk_params, disk_limit_gib, disk_context, sk
         report = json.loads((results / "ladder.json").read_text())
         report["estimate_70b"] = estimate_70b(report)
         report["goals"] = goals(report)
-        (results / "ladder.md").write_text(markdown(report))
-        click.echo((results / "ladder.md").read_text())
+        write_markdown(results / "ladder.md", markdown(report))
         return
-    work.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
+    folders(work, results)
     report: Dict = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "ts": list(CARD_TS)}
     click.echo("side by side")
     report["side_by_side"] = side_by_side(work, params, context, repeats)
@@ -873,9 +795,8 @@ def main(params, context, repeats, disk_params, disk_limit_gib, disk_context, sk
     report["estimate_70b"] = estimate_70b(report)
     report["goals"] = goals(report)
     report["benchmark_s"] = time.perf_counter() - started
-    (results / "ladder.json").write_text(json.dumps(report, indent=2) + "\n")
-    (results / "ladder.md").write_text(markdown(report))
-    click.echo((results / "ladder.md").read_text())
+    write_json(results / "ladder.json", report)
+    write_markdown(results / "ladder.md", markdown(report))
 
 
 if __name__ == "__main__":

@@ -53,11 +53,8 @@ import math
 import os
 import platform
 import shutil
-import signal
 import statistics
 import subprocess
-import sys
-import threading
 import time
 import zlib
 from dataclasses import dataclass, field, replace
@@ -67,25 +64,17 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import click
 import torch
 import yaml
+from harness import (BIN, GIB, HERE, T, CgroupSampler, MemoryCgroup, SetupError, check_cgroups,
+                     cpu_model, evict, folders, in_cgroup, offline_env, save_tokenizer, write_json,
+                     write_markdown)
 
 from nearswap_mergekit.tiny import QUARTET, TinyLlama, _llama_config, llama_tensor_shapes
 
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
-GIB = 2**30
-T = 1e-4
 #: Rows the one differing vocabulary has beyond the others' 32,000.
 EXTRA_VOCAB_ROWS = 2
 VOCAB = 32000
 #: mergekit's default --out-shard-size (mergekit.options: parse_kmb("5B"), in bytes).
 DEFAULT_OUT_SHARD_BYTES = 5 * 10**9
-
-class SetupError(click.ClickException):
-    """The machine cannot run this benchmark as asked (no root, no memory cgroup, no
-    disk space): one line naming the fix, exit 2."""
-
-    exit_code = 2
-
 
 # --- the model a preflight check can use --------------------------------------------------
 
@@ -189,12 +178,7 @@ def build_vocab_tokenizer(out_dir: Path, vocab_size: int, extra_tokens: int = 0)
     tokenizer.decoder = decoders.ByteLevel()
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
     wrapped.add_tokens([f"<extra_{index}>" for index in range(extra_tokens)])
-    wrapped.save_pretrained(str(out_dir))
-    # As tiny.build_tokenizer: a class name both transformers 4 and 5 load.
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    save_tokenizer(wrapped, out_dir)
     return len(wrapped)
 
 
@@ -341,186 +325,7 @@ def build_family(work: Path, shape: Shape, with_wider_vocab: bool) -> Path:
     return out
 
 
-def evict(paths: Sequence[Path]) -> None:
-    """Drop the files' clean pages from the page cache."""
-    for path in paths:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
-# --- cgroups -------------------------------------------------------------------------------
-
-
-class MemoryCgroup:
-    """A child of this process's memory cgroup (v1 or v2) that one merge runs in."""
-
-    counter = 0
-
-    def __init__(self, limit_bytes: Optional[int]):
-        self.version, parent = own_memory_cgroup()
-        MemoryCgroup.counter += 1
-        self.path = parent / f"nearswap-memory-{os.getpid()}-{MemoryCgroup.counter}"
-        self.path.mkdir()
-        if self.version == 1:
-            self.stat_keys = ("total_rss", "total_mapped_file", "total_cache", "total_dirty",
-                              "total_writeback")
-        else:
-            self.stat_keys = ("anon", "file_mapped", "file", "file_dirty", "file_writeback")
-        self.set_limit(limit_bytes)
-
-    def _write(self, name: str, value: str) -> None:
-        (self.path / name).write_text(value)
-
-    def set_limit(self, limit_bytes: Optional[int]) -> None:
-        if self.version == 1:
-            self._write("memory.limit_in_bytes", "-1" if limit_bytes is None else str(limit_bytes))
-        else:
-            self._write("memory.max", "max" if limit_bytes is None else str(limit_bytes))
-            self._write("memory.swap.max", "0")
-
-    @property
-    def procs_file(self) -> Path:
-        return self.path / "cgroup.procs"
-
-    def pids(self) -> List[int]:
-        return [int(line) for line in self.procs_file.read_text().split()]
-
-    def stat(self) -> Dict[str, int]:
-        """anon, mapped file, page cache, dirty, writeback: bytes now."""
-        values = {}
-        for line in (self.path / "memory.stat").read_text().splitlines():
-            key, _, value = line.partition(" ")
-            values[key] = int(value)
-        return dict(zip(("anon", "mapped", "cache", "dirty", "writeback"),
-                        (values.get(key, 0) for key in self.stat_keys)))
-
-    def max_usage(self) -> Optional[int]:
-        """High-water mark of all charged memory, page cache included."""
-        name = "memory.max_usage_in_bytes" if self.version == 1 else "memory.peak"
-        path = self.path / name
-        return int(path.read_text()) if path.exists() else None
-
-    def failed_charges(self) -> Optional[int]:
-        """v1's memory.failcnt: how often a charge hit the limit (reclaim ran)."""
-        path = self.path / "memory.failcnt"
-        return int(path.read_text()) if path.exists() else None
-
-    def oom_kills(self) -> int:
-        name = "memory.oom_control" if self.version == 1 else "memory.events"
-        for line in (self.path / name).read_text().splitlines():
-            key, _, value = line.partition(" ")
-            if key == "oom_kill":
-                return int(value)
-        return 0
-
-    def kill_all(self) -> None:
-        """SIGKILL every process in the cgroup, lift the limit so they can exit, wait."""
-        deadline = time.monotonic() + 60
-        while (pids := self.pids()) and time.monotonic() < deadline:
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            self.set_limit(None)
-            time.sleep(0.2)
-
-    def remove(self) -> None:
-        self.kill_all()
-        for _ in range(50):
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.2)
-        click.echo(f"warning: could not remove {self.path}", err=True)
-
-
-def own_memory_cgroup() -> Tuple[int, Path]:
-    """(cgroup version, directory of this process's memory cgroup)."""
-    lines = Path("/proc/self/cgroup").read_text().splitlines()
-    for line in lines:
-        _, controllers, path = line.split(":", 2)
-        if "memory" in controllers.split(","):
-            root = Path("/sys/fs/cgroup/memory")
-            if not root.is_dir():
-                root = Path("/sys/fs/cgroup")
-            return 1, root / path.lstrip("/")
-    for line in lines:
-        hierarchy, _, path = line.split(":", 2)
-        if hierarchy == "0":
-            for root in (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified")):
-                controllers = root / "cgroup.controllers"
-                if controllers.exists() and "memory" in controllers.read_text().split():
-                    return 2, root / path.lstrip("/")
-    raise SetupError(
-        "no cgroup memory controller found for this process (/proc/self/cgroup): "
-        "run on Linux with cgroup v1's memory controller or cgroup v2's memory mounted"
-    )
-
-
-def check_cgroups() -> Tuple[int, Path]:
-    """Fail with one line unless a child memory cgroup can be made here."""
-    if os.geteuid() != 0:
-        raise SetupError("memory limits need root: run with sudo")
-    version, parent = own_memory_cgroup()
-    if version == 2:
-        # In v2 a cgroup with processes cannot also have children with controllers.
-        if (parent / "cgroup.procs").read_text().split():
-            subtree = parent / "cgroup.subtree_control"
-            if "memory" not in subtree.read_text().split():
-                raise SetupError(
-                    f"cgroup v2: {parent} holds processes, so its children get no memory "
-                    "controller: run this script inside a cgroup of its own (e.g. "
-                    "systemd-run --scope -p Delegate=yes ...)"
-                )
-    try:
-        probe = MemoryCgroup(None)
-        probe.remove()
-    except OSError as error:
-        raise SetupError(f"cannot make a memory cgroup under {parent}: {error}")
-    return version, parent
-
-
 # --- one run -------------------------------------------------------------------------------
-
-
-class Sampler(threading.Thread):
-    """Polls the cgroup's memory.stat and keeps the peaks, and a coarse timeline."""
-
-    def __init__(self, cgroup: MemoryCgroup, interval_s: float, timeline_s: float = 0.5):
-        super().__init__(daemon=True)
-        self.cgroup, self.interval_s, self.timeline_s = cgroup, interval_s, timeline_s
-        self.peaks = {"anon": 0, "anon_mapped": 0, "dirty_writeback": 0}
-        self.timeline: List[List[float]] = []
-        self.last: Dict[str, int] = {}
-        self.stopping = threading.Event()
-        self.start_time = time.monotonic()
-
-    def run(self) -> None:
-        next_point = 0.0
-        while not self.stopping.is_set():
-            try:
-                s = self.cgroup.stat()
-            except OSError:
-                break
-            self.last = s
-            self.peaks["anon"] = max(self.peaks["anon"], s["anon"])
-            self.peaks["anon_mapped"] = max(self.peaks["anon_mapped"], s["anon"] + s["mapped"])
-            self.peaks["dirty_writeback"] = max(self.peaks["dirty_writeback"], s["dirty"] + s["writeback"])
-            now = time.monotonic() - self.start_time
-            if now >= next_point:
-                self.timeline.append([round(now, 2), round(s["anon"] / GIB, 3),
-                                      round(s["mapped"] / GIB, 3), round(s["cache"] / GIB, 3)])
-                next_point = now + self.timeline_s
-            self.stopping.wait(self.interval_s)
-
-    def stop(self) -> None:
-        self.stopping.set()
-        self.join()
 
 
 def thread_states(pids: Sequence[int]) -> Dict[str, int]:
@@ -571,16 +376,15 @@ def run_in_cgroup(command: Sequence[str], cwd: Path, limit_bytes: Optional[int],
     evict(inputs)
     cgroup = MemoryCgroup(limit_bytes)
     stderr_path = out_dir.parent / f"{out_dir.name}.stderr"
-    # The shell joins the cgroup, then becomes the command: nothing runs outside it.
-    wrapped = ["/bin/sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup.procs_file), *command]
-    sampler = Sampler(cgroup, poll_s)
+    wrapped = in_cgroup(command, cgroup)
+    sampler = CgroupSampler(cgroup, poll_s)
     result: Dict = {"limit_gib": None if limit_bytes is None else round(limit_bytes / GIB, 3)}
     try:
         with open(stderr_path, "wb") as stderr:
             start = time.perf_counter()
             sampler.start()
             process = subprocess.Popen(wrapped, cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr,
-                                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                                       env=offline_env())
             try:
                 code = process.wait(timeout=timeout_s)
                 outcome = "ok" if code == 0 else None
@@ -1154,9 +958,7 @@ def other_method_lines(report: Dict) -> List[str]:
 
 
 def machine(cgroup_version: int) -> Dict:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((l.split(":", 1)[1].strip() for l in cpuinfo if l.startswith("model name")),
-               platform.processor())
+    cpu = cpu_model()
     meminfo = dict(l.split(":", 1) for l in Path("/proc/meminfo").read_text().splitlines())
     return {
         "cpu": cpu,
@@ -1194,18 +996,15 @@ def main(work, results, only, layers, resolution_gib, timeout_factor, poll_ms, k
         for row in report["cases"]:
             row["unlimited"]["anon_after_merge_gib"] = round(anon_after_merge(row["unlimited"]["timeline"]), 3)
         report["model"] = fit_model(report["cases"])
-        (results / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
-        (results / "memory.md").write_text(markdown(report))
-        click.echo((results / "memory.md").read_text())
+        write_json(results / "memory.json", report, indent=1)
+        write_markdown(results / "memory.md", markdown(report))
         return
     unknown = sorted(set(only) - set(CASES))
     if unknown:
         raise click.BadParameter(f"unknown case {', '.join(unknown)}; cases: {', '.join(CASES)}",
                                  param_hint="--only")
     version, _ = check_cgroups()
-    work, results = Path(work).resolve(), Path(results).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
+    work, results = folders(work, results)
     step = int(round(resolution_gib * GIB))
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
@@ -1235,14 +1034,13 @@ def main(work, results, only, layers, resolution_gib, timeout_factor, poll_ms, k
             report["cases"].append(row)
             if row["smallest_completing_gib"] is not None:
                 margins.append(row["smallest_completing_gib"] - row["unlimited"]["peak_anon_gib"])
-            (results / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
+            write_json(results / "memory.json", report, indent=1)
         if not keep_checkpoints:
             shutil.rmtree(family)
     report["total_s"] = round(time.perf_counter() - start, 1)
     report["model"] = fit_model(report["cases"])
-    (results / "memory.json").write_text(json.dumps(report, indent=1) + "\n")
-    (results / "memory.md").write_text(markdown(report))
-    click.echo((results / "memory.md").read_text())
+    write_json(results / "memory.json", report, indent=1)
+    write_markdown(results / "memory.md", markdown(report))
 
 
 if __name__ == "__main__":

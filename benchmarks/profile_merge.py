@@ -21,7 +21,7 @@ import click
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from run import BIN, RECOMMENDED_FLAGS, make_checkpoints, recipes  # noqa: E402
+from harness import BIN, RECOMMENDED_FLAGS, make_checkpoints, recipes, write_markdown  # noqa: E402
 
 import yaml  # noqa: E402
 
@@ -98,10 +98,7 @@ def main(params, work, results):
     lines += ["", "Busiest frames (leaf), main thread:", "", "| frame | seconds |", "|---|---:|"]
     for frame, count in leaves.most_common(12):
         lines.append(f"| `{frame}` | {count / RATE:.2f} |")
-    text = "\n".join(lines) + "\n"
-    target = Path(results).resolve() / "profile.md"
-    target.write_text(text)
-    click.echo(text)
+    write_markdown(Path(results).resolve() / "profile.md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

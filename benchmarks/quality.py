@@ -18,9 +18,9 @@ on text every Debian machine with this Python has: the standard library's source
 
 The chain base <- child 1 <- child 2 <- child 3 is merged with `nearswap_chain`
 through mergekit's own `run_merge`, at t = 0 and at the global t that
-`stats.calibrate` suggests for each of the card's full-swap fractions per pass.
+`calibration.calibrate` suggests for each of the card's full-swap fractions per pass.
 Every model is scored on each domain's held-out text by the rule `nearswap-mergekit
-ladder` uses (`nearswap_mergekit.scoring`: windows of 128 positions, the BOS first; with
+ladder` uses (`nearswap_mergekit.ladder.scoring`: windows of 128 positions, the BOS first; with
 one token per byte, perplexity per token is perplexity per byte) and gets a greedy
 continuation of one prompt; every rung gets its per-stage full-swap fraction from
 `stats`. mergekit's `linear` and `ties` merges of the same models are scored the same
@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -56,10 +55,10 @@ import click
 import numpy as np
 import torch
 import yaml
+from harness import BIN, HERE, run_child, save_tokenizer, write_json
 
-from nearswap_mergekit import scoring
+from nearswap_mergekit.ladder import scoring
 
-HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
 DOMAINS = ("python", "docs", "licenses", "copyright")
@@ -224,12 +223,7 @@ def build_tokenizer(out_dir: Path):
     sample = PROMPT + "é\x00"
     assert wrapped(sample, add_special_tokens=False)["input_ids"] == (to_ids(np.frombuffer(
         sample.encode(), dtype=np.uint8)).tolist()), "tokenizer is not byte + 2"
-    wrapped.save_pretrained(str(out_dir))
-    # As nearswap_mergekit.tiny does: a class name transformers 4 and 5 both load.
-    config_path = out_dir / "tokenizer_config.json"
-    config = json.loads(config_path.read_text())
-    config["tokenizer_class"] = "PreTrainedTokenizerFast"
-    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    save_tokenizer(wrapped, out_dir)
 
 
 def new_model(seed: int):
@@ -354,7 +348,7 @@ def merge(document: Dict, out: Path) -> Path:
     from mergekit.merge import run_merge
     from mergekit.options import MergeOptions
 
-    from nearswap_mergekit.registration import register
+    from nearswap_mergekit.method.registration import register
 
     register()  # a no-op where the start-up hook has done it
     recipe = out.parent / f"{out.name}.yml"
@@ -376,23 +370,24 @@ def chain_recipe(base: Path, children: List[Path], t: float) -> Dict:
 
 def stage_fractions(recipe: Path) -> List[float]:
     """Each stage's fully swapped fraction at the recipe's t, from `stats` (exact)."""
-    from nearswap_mergekit import stats
+    from nearswap_mergekit.plan import stats
+    from nearswap_mergekit.plan.recipe import Plan
 
-    jobs = stats.plan(stats.load_recipe(str(recipe)))
-    report = stats.stats_report(str(recipe), jobs, [None], 1.0, progress=False)
+    report = stats.stats_report(Plan(str(recipe)), [None], 1.0, progress=False)
     return [stage["full_swap_fraction"] for stage in report["results"][0]["stages"]]
 
 
 def ladder(work: Path, base: Path, children: List[Path], corpus, sizes: Sizes) -> List[Dict]:
     """t = 0, then the calibrated global t for each of the card's fractions."""
-    from nearswap_mergekit import stats
+    from nearswap_mergekit.plan import calibration
+    from nearswap_mergekit.plan.recipe import Plan
 
     probe = work / "calibrate.yml"
     probe.write_text(yaml.safe_dump(chain_recipe(base, children, 0.0), sort_keys=False))
-    jobs = stats.plan(stats.load_recipe(str(probe)))
+    jobs = Plan(str(probe)).jobs
     rungs = [{"t": 0.0, "card_t": None, "target_full_swap_fraction": None}]
     for card_t, target in CARD:
-        suggestion = stats.calibrate(jobs, target, 1.0, progress=False)
+        suggestion = calibration.calibrate(jobs, target, 1.0, progress=False)
         rungs.append({
             "t": suggestion["global_t"],
             "card_t": card_t,
@@ -425,12 +420,8 @@ def ladder_command(work: Path, base: Path, children: List[Path], corpus, sizes: 
     arguments += [f for d in DOMAINS for f in ("--text", f"texts/{d}.txt")]
     arguments += [f for _, target in CARD for f in ("--target-swap", f"{100 * target:g}%")]
     arguments += ["--context", str(sizes.seq_len), "--batch", "64", "--json", "ladder.json"]
-    command = [str(Path(sys.executable).parent / "nearswap-mergekit"), *arguments, "--quiet"]
-    started = time.perf_counter()
-    result = subprocess.run(command, cwd=work, capture_output=True, text=True)
-    wall_s = time.perf_counter() - started
-    if result.returncode != 0:
-        raise click.ClickException(f"ladder failed:\n{result.stderr[-3000:]}")
+    command = [str(BIN / "nearswap-mergekit"), *arguments, "--quiet"]
+    result, wall_s = run_child(command, "ladder", 3000, cwd=work)
     found = json.loads((work / "ladder.json").read_text())
     differences, t_pairs = [], []
     for rung, written in zip(found["rungs"], rungs, strict=True):
@@ -554,7 +545,7 @@ def study(work: Path, sizes: Sizes) -> Dict:
 
     return {
         "description": (
-            "Held-out perplexity (per byte; scored by nearswap_mergekit.scoring, the ladder's "
+            "Held-out perplexity (per byte; scored by nearswap_mergekit.ladder.scoring, the ladder's "
             "rule) of a small Llama family trained on this machine, "
             "merged with nearswap_chain at the card's full-swap fractions per pass; "
             "'ladder' and 'others' merge children of the ancestor (far from the base), "
@@ -809,7 +800,7 @@ def main(quick, out, work, quiet):
             raise click.ClickException(f"--work {root} is not empty")
         report = study(root, sizes)
     wall_s = report.pop("_wall_s")
-    out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out, report)
     out.with_suffix(".md").write_text(markdown(report, wall_s, quick))
     plot(report, out.with_suffix(".png"))
     say(f"wrote {out}, {out.with_suffix('.png').name}, {out.with_suffix('.md').name} "

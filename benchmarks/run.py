@@ -10,8 +10,6 @@ models, about 0.5B parameters each by default) and reused by later runs.
 from __future__ import annotations
 
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,13 +19,11 @@ from pathlib import Path
 import click
 import torch
 import yaml
+from harness import (BIN, HERE, NVME_READ_GB_S, NVME_WRITE_GB_S, QUARTET, RECOMMENDED_FLAGS,
+                     SEVENTY_B_GB, T, drop_page_cache, folders, goal_rows, goal_table, input_bytes,
+                     machine, make_checkpoints, offline_env, recipes, seconds, write_json)
 
 from nearswap_mergekit import nearswap_chain
-from nearswap_mergekit.tiny import QUARTET, TinyLlama, build_family
-
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
-T = 1e-4
 
 # The launcher reports the child's own rusage, so peak RSS is per run.
 MEASURE = (
@@ -39,25 +35,6 @@ MEASURE = (
     "print(json.dumps({'code': code, 'wall_s': wall, 'cpu_s': usage.ru_utime + usage.ru_stime,"
     " 'peak_rss_mb': usage.ru_maxrss / 1024}))\n"
 )
-
-
-def machine() -> str:
-    cpu = next(
-        (l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-         if l.startswith("model name")),
-        platform.processor(),
-    )
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{os.cpu_count()} cores ({cpu}), {memory:.0f} GiB RAM, torch {torch.__version__}"
-
-
-def median_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def stock_nearswap_formula(base, secondaries, t):
@@ -95,73 +72,12 @@ def kernel_benchmark(repeats: int, rows: int = 8192, cols: int = 28672):
     times = {name: [] for name in contenders}
     for _ in range(repeats):  # alternate the contenders
         for name, fn in contenders.items():
-            times[name].append(median_time(fn, 1))
+            times[name].append(seconds(fn))
     return {
         "shape": [rows, cols],
         "input_gb": input_gb,
         "gb_per_s": {name: input_gb / statistics.median(ts) for name, ts in times.items()},
         "seconds": {name: statistics.median(ts) for name, ts in times.items()},
-    }
-
-
-def benchmark_spec(params: float) -> TinyLlama:
-    """Layers of Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, 8 KV heads),
-    as many as make about `params` parameters: tensors of the size a user merges
-    (a 70B's are 8192 x 28672 at most), so per-tensor costs weigh as they do there."""
-    hidden, intermediate, heads, kv_heads = 4096, 11008, 32, 8
-    kv = hidden // heads * kv_heads
-    per_layer = 2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate
-    layers = max(1, round(params / per_layer))
-    return TinyLlama(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        dtype=torch.bfloat16,
-    )
-
-
-def make_checkpoints(work: Path, params: float) -> dict:
-    spec = benchmark_spec(params)
-    models = work / f"models-{spec.hidden_size}h-{spec.num_hidden_layers}L"
-    if not all((models / name / "model.safetensors").exists() for name in QUARTET):
-        click.echo(f"generating four {params / 1e9:.2f}B-parameter checkpoints in {models}")
-        build_family(models, QUARTET, spec)
-    return {name: str(models / name) for name in QUARTET}
-
-
-def recipes(paths: dict) -> dict:
-    base, *secondaries = (paths[name] for name in QUARTET)
-
-    def one(method, base_model, models, params=None, dtype="bfloat16", name=None):
-        doc = {"merge_method": method, "base_model": base_model, "models": models, "dtype": dtype}
-        if params:
-            doc["parameters"] = params
-        if name:
-            doc = {"name": name, **doc}
-        return doc
-
-    def staged(method, dtype):
-        docs, previous = [], base
-        for index, secondary in enumerate(secondaries, 1):
-            name = f"stage{index}" if index < len(secondaries) else None
-            docs.append(one(method, previous, [{"model": secondary}], {"t": T}, dtype, name))
-            previous = name
-        return docs
-
-    return {
-        "a": [one("nearswap_chain", base, [{"model": s} for s in secondaries], {"t": T})],
-        "b": staged("nearswap", "float32"),
-        "c": staged("nearswap_chain", "bfloat16"),
-        "d": [
-            one(
-                "linear",
-                base,
-                [{"model": m, "parameters": {"weight": w}} for m, w in
-                 zip([base, *secondaries], [1, 0, 0, 0])],
-            )
-        ],
     }
 
 
@@ -176,8 +92,6 @@ CONTENDERS = {
     "stats": "nearswap-mergekit stats of (a), --sample 1",
     "stats-0.01": "nearswap-mergekit stats of (a), --sample 0.01",
 }
-#: mergekit-yaml's write options recommended for a NearSwap chain.
-RECOMMENDED_FLAGS = ["--async-write", "--write-threads", "2", "--out-shard-size", "1B"]
 
 
 def command_for(key: str, plans: dict, work: Path, paths: dict) -> list:
@@ -206,7 +120,7 @@ def command_for(key: str, plans: dict, work: Path, paths: dict) -> list:
 def run_measured(key: str, command: list) -> dict:
     result = subprocess.run(
         [sys.executable, "-c", MEASURE, *command],
-        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        capture_output=True, text=True, env=offline_env(),
     )
     stats = json.loads(result.stdout.strip().splitlines()[-1])
     if stats["code"]:
@@ -272,10 +186,7 @@ def markdown(report: dict) -> str:
             f"| ({key}) {row['label']} | {row['wall_s']:.1f} | {row['cpu_s']:.1f} | "
             f"{row['peak_rss_mb']:.0f} | {row['wall_s'] / floor:.2f}x | {read} |"
         )
-    goals = report["goals"]
-    lines += ["", "| goal | measured | met |", "|---|---:|:---:|"]
-    for goal in goals:
-        lines.append(f"| {goal['goal']} | {goal['measured']:.2f} | {'yes' if goal['met'] else 'no'} |")
+    lines += ["", *goal_table(report["goals"], ".2f")]
     return "\n".join(lines) + "\n"
 
 
@@ -306,27 +217,7 @@ def goals(report: dict) -> list:
              disk["a-flags"]["wall_s"] / (disk["start"]["wall_s"] + disk["raw"]["wall_s"]), 1.15, False),
             ("from disk: staged stock / (a-flags) wall >= 2", disk["staged"]["wall_s"] / disk["a-flags"]["wall_s"], 2, True),
         ]
-    return [
-        {"goal": name, "measured": value, "met": value >= bound if at_least else value <= bound}
-        for name, value, bound, at_least in rows
-    ]
-
-
-def drop_page_cache(folder: Path) -> str:
-    """Evict `folder`'s files from the page cache, so the next run reads the disk."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-        return "drop_caches"
-    except OSError:
-        for path in folder.rglob("*"):
-            if path.is_file():
-                fd = os.open(path, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
-        return "posix_fadvise(DONTNEED)"
+    return goal_rows(rows)
 
 
 def staged_stock_from_disk(paths: dict, work: Path) -> dict:
@@ -354,7 +245,7 @@ def from_disk(work: Path, params: float) -> dict:
     """Chain (recommended flags), staged stock and the raw floor, each after the page
     cache is dropped; GB/s of input."""
     paths = make_checkpoints(work, params)
-    input_gb = sum(f.stat().st_size for name in QUARTET for f in Path(paths[name]).glob("*.safetensors")) / 1e9
+    input_gb = input_bytes(paths) / 1e9
     plans = recipes(paths)
     (work / "recipe-a.yml").write_text(yaml.safe_dump_all(plans["a"], sort_keys=False))
     results = {"input_gb": input_gb}
@@ -371,11 +262,6 @@ def from_disk(work: Path, params: float) -> dict:
     for leftover in ("out-a", "out-raw.safetensors"):
         subprocess.run(["rm", "-rf", str(work / leftover)], check=True)
     return results
-
-
-#: A 70B Llama in float16 (QuartetAnemoi's models), and the NVMe assumed below.
-SEVENTY_B_GB = 138.0
-NVME_READ_GB_S, NVME_WRITE_GB_S = 3.0, 2.0
 
 
 def estimates(report: dict) -> list:
@@ -451,9 +337,7 @@ def disk_markdown(report: dict) -> str:
 @click.option("--skip-kernel", is_flag=True)
 def main(params, disk_params, repeats, work, results, skip_kernel):
     """Run the kernel and end-to-end benchmarks and write latest.json and latest.md."""
-    work, results = Path(work).resolve(), Path(results).resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    results.mkdir(parents=True, exist_ok=True)
+    work, results = folders(work, results)
     report = {"date": time.strftime("%Y-%m-%d"), "machine": machine(), "repeats": repeats,
               "params": params, "t": T}
     if not skip_kernel:
@@ -472,7 +356,7 @@ def main(params, disk_params, repeats, work, results, skip_kernel):
         report["goals"] = goals(report)
         text = markdown(report) + (disk_markdown(report) if disk_params else "")
         (results / "latest.md").write_text(text)
-    (results / "latest.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(results / "latest.json", report)
     click.echo((results / "latest.md").read_text() if not skip_kernel else json.dumps(report, indent=2))
 
 
