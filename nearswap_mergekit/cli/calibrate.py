@@ -46,9 +46,28 @@ def _calibrated_header(recipe: str, result: dict, one_t: bool, command: str) -> 
     else:
         lines += [f"stage {index}: t = {stage['t']:.4g} achieves {100 * stage['achieved_full_swap_fraction']:.3f}%"
                   f" ({stage['model']})" for index, stage in enumerate(result["stages"], 1)]
+    lines += _reached_at_zero(result)
     if result["sample"] < 1:
         lines.append(f"Fractions estimated from a sample of {result['sample']:g} of each tensor's rows.")
     return "\n".join(lines)
+
+
+def _reached_at_zero(result: dict) -> list:
+    """Where t = 0 is suggested because the target is reached already there: the
+    weights identical in base and secondary count as fully swapped at any t (the
+    formula's 0 / 0 gives w = 1), so no t swaps fewer."""
+    target = f"{100 * result['target']:.3f}%"
+    lines = [
+        f"stage {index}: {target} is reached already at t = 0, where {100 * stage['achieved_full_swap_fraction']:.3f}% "
+        f"of the weights are identical in the base and {stage['model']} (they count as fully swapped at "
+        "any t); no t swaps fewer, and t = 0 leaves the base's weights as they are"
+        for index, stage in enumerate(result["stages"], 1)
+        if stage["t"] == 0 and stage["achieved_full_swap_fraction"] >= result["target"]
+    ]
+    if result["global_t"] == 0 and result["global_achieved_full_swap_fraction"] >= result["target"]:
+        lines.append(f"global t: {target} is reached already at t = 0 "
+                     f"({100 * result['global_achieved_full_swap_fraction']:.3f}% identical per pass on average)")
+    return lines
 
 
 @click.command()
@@ -105,6 +124,8 @@ def calibrate(recipe, target_swap, sample, seed, output_path, one_t, json_path, 
         f"global t = {result['global_t']:.4g}  achieves {100 * result['global_achieved_full_swap_fraction']:.3f}%"
         " per pass on average"
     )
+    for line in _reached_at_zero(result):
+        click.echo(f"note: {line}")
     click.echo(result["method"])
     write_json(json_path, result)
     if output_path:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import shlex
+import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -62,4 +65,17 @@ def demo(workdir: str, recipe_name: str):
     if result.returncode:
         raise click.ClickException(f"{merge_command} failed with exit code {result.returncode}")
     click.echo(f"merged model: {out} ({time.perf_counter() - started:.1f} s)")
-    click.echo(f"swap statistics: cd {workdir} && nearswap-mergekit stats {recipe_file}")
+    tool = shlex.quote(this_command())
+    folder = shlex.quote(str(workdir_path))
+    click.echo(f"swap statistics: cd {folder} && {tool} stats {recipe_file}")
+    click.echo(f"score t on a text: cd {folder} && {tool} ladder {recipe_file} --text YOUR.txt --t 0.0001 --t 0.001")
+
+
+def this_command() -> str:
+    """`nearswap-mergekit` as the user can type it: by name where the shell finds this
+    environment's, else by its path (a virtual environment that is not activated)."""
+    beside = Path(sys.executable).parent / "nearswap-mergekit"
+    found = shutil.which("nearswap-mergekit")
+    if found and (not beside.exists() or Path(found).resolve() == beside.resolve()):
+        return "nearswap-mergekit"
+    return str(beside) if beside.exists() else "nearswap-mergekit"

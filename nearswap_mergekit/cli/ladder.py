@@ -35,7 +35,7 @@ def _check_ladder_method(recipe: str) -> None:
     if method is not None and method != METHOD_NAME:
         raise BadInput(
             f"recipe {recipe!r} uses merge_method {method!r}; ladder scores {METHOD_NAME!r} "
-            f"recipes: set merge_method: {METHOD_NAME}"
+            f"recipes: write merge_method: {METHOD_NAME}"
         )
 
 

@@ -10,11 +10,12 @@ from __future__ import annotations
 import functools
 import os
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import yaml
 
 from nearswap_mergekit.method.spec import METHOD_NAME
+from nearswap_mergekit.plan import validation
 
 
 class RecipeError(ValueError):
@@ -31,37 +32,45 @@ class Plan:
         self.options = options
 
     @functools.cached_property
-    def text(self) -> str:
-        return Path(self.path).read_text(encoding="utf-8")
-
-    @functools.cached_property
     def documents(self) -> List[dict]:
-        """Every YAML document of the file (several for mergekit-multi), empty ones left out."""
-        return [doc for doc in yaml.safe_load_all(self.text) if doc is not None]
-
-    @functools.cached_property
-    def config(self):
-        """mergekit's own MergeConfiguration of a one-document `nearswap_chain` recipe."""
-        from mergekit.config import MergeConfiguration
-
-        from nearswap_mergekit.method.registration import register
-
-        register("mergekit")  # a no-op where the start-up hook has done it
+        """Every YAML document of the file (several for mergekit-multi), empty ones
+        left out; RecipeError for a file that is missing, not UTF-8 or not YAML."""
         path = self.path
         if not os.path.isfile(path):
             raise RecipeError(f"recipe {path!r} does not exist")
         try:
-            config = MergeConfiguration.model_validate(yaml.safe_load(self.text))
+            text = Path(path).read_text(encoding="utf-8")
+            return [doc for doc in yaml.safe_load_all(text) if doc is not None]
+        except UnicodeDecodeError:
+            raise RecipeError(f"recipe {path!r} is not UTF-8 text: save it as UTF-8") from None
         except yaml.YAMLError as error:
-            raise RecipeError(f"recipe {path!r} is not valid YAML: {error}") from None
+            raise RecipeError(validation.yaml_problem(path, error)) from None
+
+    def problems(self, method: Optional[str] = METHOD_NAME) -> List[str]:
+        """What would make the merge refuse this recipe or fail here (validation.py),
+        one line each; `method`: the merge method every document must use (None: any)."""
+        return validation.recipe_problems(self.path, self.documents, method=method)
+
+    @functools.cached_property
+    def config(self):
+        """mergekit's own MergeConfiguration of a one-document `nearswap_chain` recipe,
+        once the recipe has passed the validation."""
+        from mergekit.config import MergeConfiguration
+
+        from nearswap_mergekit.method.registration import register
+
+        problems = self.problems()
+        if problems:
+            raise RecipeError("\n".join(problems))
+        if len(self.documents) > 1:
+            raise RecipeError(f"recipe {self.path!r} has {len(self.documents)} YAML documents (stages for "
+                              "mergekit-multi); stats, calibrate and ladder take one: give them one stage's recipe")
+        register("mergekit")  # a no-op where the start-up hook has done it
+        try:
+            return MergeConfiguration.model_validate(self.documents[0])
         except Exception as error:
-            raise RecipeError(f"recipe {path!r} is not a mergekit recipe: {error}") from None
-        if config.merge_method != METHOD_NAME:
-            raise RecipeError(
-                f"recipe {path!r} uses merge_method {config.merge_method!r}; "
-                f"stats and calibrate work on {METHOD_NAME!r} recipes"
-            )
-        return config
+            raise RecipeError(f"recipe {self.path!r} is not a recipe mergekit can read: "
+                              f"{validation.pydantic_summary(error)}") from None
 
     @functools.cached_property
     def jobs(self) -> list:

@@ -20,19 +20,14 @@ import torch
 
 from nearswap_mergekit.method.spec import CARD_GARBAGE_T, METHOD_NAME, parse_threshold
 from nearswap_mergekit.plan.reader import SAFETENSORS_DTYPES
-from nearswap_mergekit.plan.recipe import Plan
+from nearswap_mergekit.plan import validation
+from nearswap_mergekit.plan.recipe import Plan, RecipeError
+from nearswap_mergekit.plan.validation import INFO, NOT_CHECKED, PROBLEM, WARNING, Finding
 
-PROBLEM, WARNING, NOT_CHECKED, INFO = "problem", "warning", "not checked", "ok"
 #: Read rate (bytes/s) of a whole chain merge from disk, start-up included, when the
 #: user gives none: benchmarks/run.py on a 2-core Intel Xeon with a virtual disk.
 MEASURED_READ_RATE = 0.43e9
-MEASURED_ON = "a 2-core Intel Xeon reading from its virtual disk (benchmarks/run.py)"
-
-
-@dataclass
-class Finding:
-    kind: str  # PROBLEM, WARNING, NOT_CHECKED or INFO
-    text: str
+MEASURED_ON = "a 2-core Intel Xeon reading from its virtual disk"
 
 
 @dataclass
@@ -89,12 +84,6 @@ def predicted_need_bytes(largest_tensor_bytes: int, out_shard_bytes: int, async_
                + NEED_ALIGNED_VOCABULARY_FACTOR * vocab_aligned_bytes)
 
 
-def looks_like_hub_id(text: str) -> bool:
-    """mergekit asks the Hub about a path with exactly one slash that is not
-    written as local (./, ../, /, ~)."""
-    return text.count("/") == 1 and not text.startswith((".", "/", "~"))
-
-
 def read_checkpoint(reference: str, folder: Path) -> Checkpoint:
     """Names, dtypes and shapes from the safetensors headers; sizes of the files."""
     from safetensors import safe_open
@@ -115,24 +104,6 @@ def read_checkpoint(reference: str, folder: Path) -> Checkpoint:
     return found
 
 
-def cached_snapshot(repo_id: str, revision: Optional[str]) -> Optional[Path]:
-    """The local Hugging Face cache's snapshot folder of a Hub model, if its
-    config.json is there."""
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        hit = try_to_load_from_cache(repo_id, "config.json", revision=revision)
-    except Exception:
-        return None
-    return Path(hit).parent if isinstance(hit, str) else None
-
-
-def hf_cache_folder() -> Path:
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    return Path(HF_HUB_CACHE)
-
-
 def free_bytes(path: Path) -> int:
     """Free space of the filesystem that holds `path` (or would hold it)."""
     path = path.resolve()
@@ -150,7 +121,6 @@ def check(plan: Plan, out: Optional[Path], read_rate: float = MEASURED_READ_RATE
     """Everything `check` reports about the plan's recipe run into OUT with the plan's
     mergekit options (a MergeOptions). Model paths resolve against `workdir` (the
     folder mergekit-yaml runs in)."""
-    from mergekit.common import ModelReference
     from mergekit.config import MergeConfiguration
 
     from nearswap_mergekit.method.registration import inspect
@@ -169,59 +139,64 @@ def check(plan: Plan, out: Optional[Path], read_rate: float = MEASURED_READ_RATE
                             "nearswap-mergekit into the environment that runs mergekit-yaml "
                             "(or unset NEARSWAP_MERGEKIT_NO_HOOK)")
 
-    stages = plan.documents
+    try:
+        stages = plan.documents
+    except RecipeError as error:  # missing, not UTF-8, not YAML
+        report.add(PROBLEM, str(error))
+        return report
+    shape = validation.document_problems(plan.path, stages)
+    for text in shape:
+        report.add(PROBLEM, text)
+    if shape:
+        return report
     stage_names = {doc.get("name") for doc in stages if doc.get("name")}
     checkpoints: Dict[str, Checkpoint] = {}
     to_download: List[str] = []
-    largest_t = 0.0
     for index, doc in enumerate(stages, 1):
-        where = f"stage {index}" + (f" ({doc['name']})" if doc.get("name") else "") if len(stages) > 1 else "the recipe"
+        where = validation.where_of(index, doc, len(stages))
         body = {k: v for k, v in doc.items() if k != "name"}
         try:
             config = MergeConfiguration.model_validate(body)
         except Exception as error:
-            report.add(PROBLEM, f"{where}: mergekit cannot read it: {_first_line(error)}")
+            report.add(PROBLEM, f"{where}: mergekit cannot read it: {validation.pydantic_summary(error)}")
             continue
         if config.merge_method not in known_methods:
             close = difflib.get_close_matches(config.merge_method, known_methods, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             report.add(PROBLEM, f"{where}: merge_method {config.merge_method!r} is not a merge "
                                 f"method of this mergekit{hint}")
-        for model_text, where_t, t in _thresholds(body):
-            if t is None:
-                continue
-            largest_t = max(largest_t, t)
+        if config.merge_method == METHOD_NAME:
+            for text in validation.threshold_problems(plan.path, body, where):
+                report.add(PROBLEM, text)
+        for _model, where_t, raw in validation.thresholds(body):
+            try:
+                t = parse_threshold(raw)
+            except ValueError:
+                continue  # a problem, said above
             if t >= CARD_GARBAGE_T:
                 report.add(WARNING, f"{where}: t = {t:g} ({where_t}) is >= {CARD_GARBAGE_T}, where "
                                     "the QuartetAnemoi card saw ~18 % of weights fully swapped per "
                                     "pass and garbage output on its 70B models; see `nearswap-mergekit "
                                     "stats` and `ladder` before you use it")
-        for text in _model_texts(body):
+        for text in validation.model_texts(body):
             if text in stage_names or text in checkpoints or text in to_download:
                 continue
-            reference = ModelReference.parse(text)
-            path, revision = reference.model.path, reference.model.revision
-            local = (workdir / path).expanduser()
-            if local.is_dir():
-                if looks_like_hub_id(path):
+            found = validation.locate_model(text, workdir)
+            if found.folder is not None and found.finding is None:  # a local folder
+                if validation.looks_like_hub_id(found.path):
                     report.add(PROBLEM, f"model {text}: a local folder, but mergekit takes "
-                                        f"'{path}' for a Hub id (its model card asks the Hub, which "
-                                        f"fails offline): write it as './{path}'")
-                checkpoints[text] = read_checkpoint(text, local)
-            elif looks_like_hub_id(path):
-                snapshot = cached_snapshot(path, revision)
-                if snapshot is None:
-                    to_download.append(text)
-                    report.add(NOT_CHECKED, f"model {text}: a Hub model, not in the local Hugging "
-                                            f"Face cache ({hf_cache_folder()}): mergekit downloads it")
-                else:
-                    checkpoints[text] = read_checkpoint(text, snapshot)
-                    report.add(INFO, f"model {text}: in the Hugging Face cache, "
-                                     f"{gb(checkpoints[text].file_bytes)}")
+                                        f"'{found.path}' for a Hub id (its model card asks the Hub, which "
+                                        f"fails offline): write it as './{found.path}'")
+                checkpoints[text] = read_checkpoint(text, found.folder)
+            elif found.folder is not None:  # in the Hugging Face cache
+                checkpoints[text] = read_checkpoint(text, found.folder)
+                report.add(INFO, f"{found.finding.text}, {gb(checkpoints[text].file_bytes)}")
             else:
-                report.add(PROBLEM, f"model {text}: no such folder ({local}); a local path "
-                                    "must exist, a Hub id is written org/name")
-        _compare_models(report, where, body, [checkpoints[t] for t in _model_texts(body) if t in checkpoints])
+                if found.finding.kind == NOT_CHECKED:
+                    to_download.append(text)
+                report.add(found.finding.kind, found.finding.text)
+        _compare_models(report, where, body, [checkpoints[t] for t in validation.model_texts(body)
+                                              if t in checkpoints])
 
     _resources(report, stages, checkpoints, to_download, out, plan.options, read_rate)
     return report
@@ -233,41 +208,6 @@ def _method_names() -> List[str]:
     if hasattr(merge_methods, "registered_methods"):
         return [m.spec.name for m in merge_methods.registered_methods()]
     return list(merge_methods.REGISTERED_MERGE_METHODS)
-
-
-def _first_line(error: Exception) -> str:
-    return " ".join(str(error).split())[:300]
-
-
-def _model_texts(doc: dict) -> List[str]:
-    """Every model a recipe document names, base first."""
-    texts = [str(doc["base_model"])] if doc.get("base_model") else []
-    for entry in doc.get("models") or []:
-        texts.append(str(entry["model"]))
-    for piece in doc.get("slices") or []:
-        texts.extend(str(source["model"]) for source in piece.get("sources") or [])
-    return list(dict.fromkeys(texts))
-
-
-def _thresholds(doc: dict):
-    """(model, where it is set, t) for every numeric t in a recipe document: the
-    global `parameters:`, each model's, filter lists and gradients."""
-    def values(raw):
-        if isinstance(raw, list):  # a gradient, or a list of filter dicts
-            for item in raw:
-                yield from values(item.get("value") if isinstance(item, dict) else item)
-        elif isinstance(raw, dict):
-            yield from values(raw.get("value"))
-        elif raw is not None:
-            try:
-                yield parse_threshold(raw)
-            except ValueError:
-                yield None  # mergekit's own validation reports it
-    for t in values((doc.get("parameters") or {}).get("t")):
-        yield None, "the global `parameters:`", t
-    for entry in doc.get("models") or []:
-        for t in values((entry.get("parameters") or {}).get("t")):
-            yield entry["model"], f"model {entry['model']}", t
 
 
 def _compare_models(report: Report, where: str, doc: dict, found: List[Checkpoint]) -> None:
@@ -319,12 +259,12 @@ def _resources(report: Report, stages: List[dict], checkpoints: Dict[str, Checkp
                                 "their size is not known offline")
     if base is None:
         report.add(NOT_CHECKED, "RAM, output size and time: the base model is not on this machine "
-                                "(see docs/performance.md for the 70B quartet's figures)")
+                                "(the 4 x 70B quartet's figures: nearswap-mergekit check --help)")
         return
     output_bytes = sum(base.tensor_bytes(name, dtype) for name in base.tensors)
     largest = max((base.tensor_bytes(name, dtype) for name in base.tensors), default=0)
     vocabulary = max((base.tensor_bytes(name, dtype) for name in _vocabulary_tensors(base)), default=0)
-    aligned = vocabulary * len(_model_texts(last)) if last.get("tokenizer") else 0
+    aligned = vocabulary * len(validation.model_texts(last)) if last.get("tokenizer") else 0
     shard = min(options.out_shard_size, output_bytes)
     need = predicted_need_bytes(largest, shard, options.async_write, options.write_threads, aligned)
     report.add(INFO, f"RAM: about {need / 2**30:.1f} GiB of anonymous memory (output shard "
@@ -351,4 +291,4 @@ def _resources(report: Report, stages: List[dict], checkpoints: Dict[str, Checkp
     else:
         report.add(INFO, f"{out}: {gb(free)} free for the {gb(output_bytes)} output")
     if to_download:
-        report.add(INFO, f"Hugging Face cache {hf_cache_folder()}: {gb(free_bytes(hf_cache_folder()))} free")
+        report.add(INFO, f"Hugging Face cache {validation.hf_cache_folder()}: {gb(free_bytes(validation.hf_cache_folder()))} free")

@@ -1,0 +1,159 @@
+"""A bad recipe meets one validation in every command: `check`, `stats`, `calibrate`
+and `ladder` each answer it with one line per problem that names the file and the
+parameter or model, exit 2 and write nothing; and `check` refuses every recipe the
+stock `mergekit-yaml` refuses."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import run_cli
+
+GOOD = """merge_method: nearswap_chain
+base_model: ./tiny-quartet/miqu
+models:
+  - model: ./tiny-quartet/xwin
+parameters:
+  t: 0.0001
+dtype: float32
+"""
+
+
+def with_t(t: str) -> str:
+    return GOOD.replace("  t: 0.0001", f"  t: {t}")
+
+
+#: name -> (recipe text, what the message must name, environment)
+BAD = {
+    "negative t": (with_t("-0.0001"), "t = -0.0001 in the global `parameters:`", {}),
+    "t not a number": (with_t("abc"), "t = 'abc'", {}),
+    "t NaN": (with_t(".nan"), "t = nan", {}),
+    "t per model": (GOOD.replace("  - model: ./tiny-quartet/xwin",
+                                 "  - model: ./tiny-quartet/xwin\n    parameters:\n      t: -1"),
+                    "t = -1 in model ./tiny-quartet/xwin", {}),
+    "t in a gradient": (with_t("[0.0001, -0.5]"), "gradient point 2", {}),
+    "t in a filter": (with_t("\n    - filter: mlp\n      value: .inf\n    - value: 0.0001"),
+                      "filter 'mlp'", {}),
+    "broken YAML": ("merge_method: [\n", "is not valid YAML", {}),
+    "empty file": ("", "is empty", {}),
+    "not a mapping": ("- just\n- a list\n", "not a mapping", {}),
+    "missing model folder": (GOOD.replace("./tiny-quartet/xwin", "./tiny-quartet/nope"),
+                             "./tiny-quartet/nope", {}),
+    # The shipped quartet's Hub models with an empty cache, offline.
+    "Hub models offline": ("""merge_method: nearswap_chain
+base_model: 152334H/miqu-1-70b-sf
+models:
+  - model: Xwin-LM/Xwin-LM-70B-V0.1
+parameters:
+  t: 0.0001
+""", "152334H/miqu-1-70b-sf", {"HF_HUB_OFFLINE": "1"}),
+}
+#: Bad for the commands that plan a NearSwap chain, though mergekit-yaml runs it.
+OTHER_METHOD = ("merge_method: linear\nmodels:\n  - model: ./tiny-quartet/miqu\n    parameters:\n"
+                "      weight: 1.0\ndtype: float32\n")
+
+COMMANDS = {
+    "check": [],
+    "stats": ["--quiet"],
+    "calibrate": ["--target-swap", "1%", "--quiet"],
+    "ladder": ["--text", "text.txt", "--quiet"],
+}
+NEVER = ("Traceback", "pydantic", "Repo id", "would run")
+
+
+@pytest.fixture(scope="module")
+def folder(workspace, tmp_path_factory):
+    root = tmp_path_factory.mktemp("first-contact")
+    (root / "tiny-quartet").symlink_to(workspace.models)
+    (root / "text.txt").write_text("The quick brown fox jumps over the lazy dog.\n" * 20)
+    (root / "hf-home").mkdir()  # an empty Hugging Face cache
+    for name, (text, _needle, _env) in BAD.items():
+        (root / f"{name.replace(' ', '-')}.yml").write_text(text)
+    (root / "good.yml").write_text(GOOD)
+    (root / "other-method.yml").write_text(OTHER_METHOD)
+    return root
+
+
+def run(folder, program, *args, env=None):
+    return run_cli(program, *args, cwd=folder, env={"HF_HOME": str(folder / "hf-home"), **(env or {})})
+
+
+def files_in(folder):
+    return sorted(path.name for path in folder.iterdir())
+
+
+@pytest.mark.parametrize("name", list(BAD))
+def test_every_command_answers_in_one_line_naming_the_problem(folder, name):
+    text, needle, env = BAD[name]
+    recipe = f"{name.replace(' ', '-')}.yml"
+    before = files_in(folder)
+    with ThreadPoolExecutor(len(COMMANDS)) as pool:
+        results = dict(zip(COMMANDS, pool.map(
+            lambda item: run(folder, "nearswap-mergekit", item[0], recipe, *item[1], env=env),
+            COMMANDS.items())))
+    for command, result in results.items():
+        said = result.stdout + result.stderr
+        assert result.returncode == 2, f"{command}: {said}"
+        assert needle in said, f"{command}: {said}"
+        assert not any(word in said for word in NEVER), f"{command}: {said}"
+        if command == "check" and result.stdout.strip():  # the report lists each problem once
+            lines = [line for line in result.stdout.splitlines() if line.startswith("problem:")]
+        else:
+            assert not result.stdout.strip(), f"{command}: {said}"
+            lines = result.stderr.strip().splitlines()
+            assert lines[0].startswith("Error: recipe "), f"{command}: {said}"
+            assert all(recipe in line for line in lines), f"{command}: {said}"
+        assert lines and all(needle in said for line in lines), f"{command}: {said}"
+    assert files_in(folder) == before
+
+
+def test_another_merge_method_is_named_by_the_planning_commands(folder):
+    for command in ("stats", "calibrate", "ladder"):
+        result = run(folder, "nearswap-mergekit", command, "other-method.yml", *COMMANDS[command])
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.count("\n") == 1 and "merge_method 'linear'" in result.stderr
+        assert "write merge_method: nearswap_chain" in result.stderr
+
+
+def test_check_refuses_every_recipe_mergekit_yaml_refuses(folder):
+    """The stock mergekit-yaml on each bad recipe (and a good one, so that the
+    comparison can fail): every recipe it refuses, check refused first."""
+    cases = {**{name: (f"{name.replace(' ', '-')}.yml", env) for name, (_t, _n, env) in BAD.items()},
+             "good": ("good.yml", {})}
+
+    def both(item):
+        name, (recipe, env) = item
+        merged = run(folder, "mergekit-yaml", recipe, f"out-{name.replace(' ', '-')}", env=env)
+        checked = run(folder, "nearswap-mergekit", "check", recipe, f"out-check-{name.replace(' ', '-')}",
+                      env=env)
+        return name, merged, checked
+
+    with ThreadPoolExecutor(3) as pool:
+        outcomes = list(pool.map(both, cases.items()))
+    refused_by_mergekit = {name for name, merged, _ in outcomes if merged.returncode != 0}
+    refused_by_check = {name for name, _, checked in outcomes if checked.returncode != 0}
+    assert refused_by_mergekit == set(BAD), {name: m.stderr[-300:] for name, m, _ in outcomes}
+    assert refused_by_mergekit <= refused_by_check
+    good = next(checked for name, _, checked in outcomes if name == "good")
+    assert good.returncode == 0 and "would run" in good.stdout
+
+
+def test_calibrate_says_when_a_target_is_reached_already_at_t_0(folder):
+    """A target below the share of weights identical in base and secondary gets t = 0,
+    and calibrate says so with that share (the one `stats` counts as identical)."""
+    measured = run(folder, "nearswap-mergekit", "stats", "good.yml", "--t", "0", "--quiet",
+                   "--json", "identical.json")
+    assert measured.returncode == 0, measured.stderr
+    import json
+
+    (stage,) = json.loads((folder / "identical.json").read_text())["results"][0]["stages"]
+    (folder / "identical.json").unlink()
+    identical = stage["identical_fraction"]
+    assert identical > 0.001
+    low = run(folder, "nearswap-mergekit", "calibrate", "good.yml", "--target-swap",
+              f"{100 * identical / 2:.4f}%", "--quiet")
+    assert low.returncode == 0, low.stderr
+    assert "stage 1: t = 0 " in low.stdout
+    assert (f"note: stage 1: {100 * identical / 2:.3f}% is reached already at t = 0, where "
+            f"{100 * identical:.3f}% of the weights are identical") in low.stdout, low.stdout
+    high = run(folder, "nearswap-mergekit", "calibrate", "good.yml", "--target-swap", "10%", "--quiet")
+    assert high.returncode == 0 and "reached already" not in high.stdout, high.stdout
