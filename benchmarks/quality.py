@@ -666,7 +666,7 @@ def markdown(report: Dict, wall_s: float, quick: bool) -> str:
         f"{os.cpu_count()} cores). Rungs: t = 0 and the global t that `calibrate` suggests "
         "for each of the card's full-swap fractions per pass; full swap % per stage (and "
         "their mean) from `stats`. Scored by the rule `nearswap-mergekit ladder` uses "
-        f"(`nearswap_mergekit/scoring.py`; windows of {settings['sizes']['seq_len']} positions, "
+        f"(`nearswap_mergekit/ladder/scoring.py`; windows of {settings['sizes']['seq_len']} positions, "
         "the BOS first; one token per byte, so perplexity per token is per byte).",
         "",
         f"Relative weight distance (L2, all weights): base from ancestor "

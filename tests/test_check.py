@@ -26,23 +26,34 @@ def check_here(*args, cwd, monkeypatch):
 
 
 @pytest.mark.parametrize("name", RECIPE_NAMES)
-def test_every_shipped_recipe_checks_offline(name, tmp_path, monkeypatch):
-    """Hub models are 'not checked', not problems; stage names of mergekit-multi
-    recipes are not taken for models."""
+@pytest.mark.parametrize("hub", ["reachable", "offline"])
+def test_every_shipped_recipe_checks_without_its_models(name, hub, tmp_path, monkeypatch):
+    """With an empty cache, Hub models are 'not checked' where the Hub can be reached
+    (mergekit downloads them) and problems where it cannot (mergekit-yaml would
+    fail); stage names of mergekit-multi recipes are not taken for models."""
     import huggingface_hub.constants
+
+    from nearswap_mergekit.plan import validation
 
     # An empty Hugging Face cache, so that no Hub model is found locally.
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    # Whether the Hub can be reached is this machine's network, not the recipe's.
+    monkeypatch.setattr(validation, "hub_unreachable", lambda: None if hub == "reachable" else "offline here")
     shutil.copy(CONFIGS / f"{name}.yml", tmp_path / "recipe.yml")
     result = check_here("recipe.yml", "out", "--out-shard-size", "1B", cwd=tmp_path,
                         monkeypatch=monkeypatch)
     if name.startswith("demo-"):  # its ./tiny-quartet models are not there
         assert result.exit_code == 2 and "no such folder" in result.output, result.output
         return
-    assert result.exit_code == 0, result.output
-    assert "not checked: model 152334H/miqu-1-70b-sf: a Hub model, not in the local" in result.output
     assert "quartet-stage" not in result.output
     assert "nearswap_chain is registered with mergekit" in result.output
+    if hub == "reachable":
+        assert result.exit_code == 0, result.output
+        assert "not checked: model 152334H/miqu-1-70b-sf: a Hub model, not in the local" in result.output
+    else:
+        assert result.exit_code == 2 and "would run" not in result.output, result.output
+        assert ("problem: model 152334H/miqu-1-70b-sf: a Hub model, not in the local Hugging Face "
+                "cache") in result.output and "the Hub cannot be reached (offline here)" in result.output
 
 
 def test_a_runnable_recipe_reports_what_the_merge_writes(workspace, tmp_path):

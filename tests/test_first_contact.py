@@ -157,3 +157,37 @@ def test_calibrate_says_when_a_target_is_reached_already_at_t_0(folder):
             f"{100 * identical:.3f}% of the weights are identical") in low.stdout, low.stdout
     high = run(folder, "nearswap-mergekit", "calibrate", "good.yml", "--target-swap", "10%", "--quiet")
     assert high.returncode == 0 and "reached already" not in high.stdout, high.stdout
+
+
+def test_the_hub_counts_as_unreachable_offline_or_without_a_connection(monkeypatch):
+    """HF_HUB_OFFLINE, or no TCP connection to the endpoint, is unreachable; a port
+    that accepts connections is reachable (nothing is asked of it)."""
+    import socket
+
+    from huggingface_hub import constants
+
+    from nearswap_mergekit.plan import validation
+
+    def unreachable(offline: bool, endpoint: str):
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+        monkeypatch.setattr(constants, "ENDPOINT", endpoint)
+        validation.hub_unreachable.cache_clear()
+        try:
+            return validation.hub_unreachable()
+        finally:
+            validation.hub_unreachable.cache_clear()
+
+    listening = socket.socket()
+    listening.bind(("127.0.0.1", 0))
+    listening.listen()
+    open_port = listening.getsockname()[1]
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    try:
+        assert unreachable(True, f"http://127.0.0.1:{open_port}") == "HF_HUB_OFFLINE is set"
+        assert unreachable(False, f"http://127.0.0.1:{open_port}") is None
+        assert "127.0.0.1 cannot be reached" in unreachable(False, f"http://127.0.0.1:{closed_port}")
+    finally:
+        listening.close()

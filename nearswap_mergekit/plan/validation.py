@@ -184,8 +184,8 @@ def locate_model(text: str, workdir: Path) -> ModelLocation:
     if why:
         return ModelLocation(text, path, None, Finding(
             PROBLEM, f"model {text}: a Hub model, not in the local Hugging Face cache "
-                     f"({hf_cache_folder()}), and the Hub cannot be reached ({why}): download it "
-                     "where there is a network (huggingface-cli download), or write a local folder"))
+                     f"({hf_cache_folder()}), and the Hub cannot be reached ({why}): download it first "
+                     "where there is a network, or write a local folder"))
     return ModelLocation(text, path, None, Finding(
         NOT_CHECKED, f"model {text}: a Hub model, not in the local Hugging Face cache "
                      f"({hf_cache_folder()}): mergekit downloads it"))
