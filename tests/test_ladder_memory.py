@@ -1,6 +1,7 @@
-"""`nearswap-mergekit ladder` holds a module's weights at a time, not the model's: the
+"""`nearswap-mergekit ladder` holds one layer's weights at a time, not the model's: the
 peak anonymous memory (RssAnon) of a ladder over a 4-layer family is within one
-layer's inputs of the same ladder over a 2-layer family of the same shapes."""
+layer's inputs of the same ladder over a 2-layer family of the same shapes, also
+when a small --memory-budget splits it into several passes."""
 
 import json
 import math
@@ -70,10 +71,10 @@ def rss_anon(pid: int) -> int:
     return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon:")), 0)
 
 
-def ladder_peak_anon(root: Path, recipe: Path) -> int:
+def ladder_peak_anon(root: Path, recipe: Path, *extra: str) -> int:
     """Run the ladder in a subprocess; the peak of its RssAnon, polled."""
     args = [str(BIN / "nearswap-mergekit"), "ladder", str(recipe), "--text", "story.txt", "--quiet",
-            "--json", f"{recipe.stem}.json"]
+            "--json", f"{recipe.stem}.json", *extra]
     for t in TS:
         args += ["--t", t]
     process = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -102,4 +103,15 @@ def test_peak_memory_does_not_grow_with_depth(families):
     assert deep - shallow < bound, (
         f"peak RssAnon {shallow / mib:.0f} MiB with {LAYERS[0]} layers, {deep / mib:.0f} MiB with "
         f"{LAYERS[1]}: {(deep - shallow) / mib:.0f} MiB more, one layer's inputs are {bound / mib:.0f} MiB"
+    )
+    # Forced into several passes by a budget of one batch's hidden states (3 rows of
+    # 16 positions x 1024 float32): each pass reads the inputs again, and holds no more.
+    budget = str(3 * 16 * SHAPE["hidden_size"] * 4)
+    passes = ladder_peak_anon(root, recipes[LAYERS[1]], "--context", "16", "--batch", "1",
+                              "--memory-budget", budget)
+    report = json.loads((root / f"{recipes[LAYERS[1]].stem}.json").read_text())
+    assert report["passes"] >= 3 and report["hidden_state_bytes"] <= int(budget)
+    assert passes - shallow < bound, (
+        f"peak RssAnon {passes / mib:.0f} MiB in {report['passes']} passes, {shallow / mib:.0f} MiB with "
+        f"{LAYERS[0]} layers in one: one layer's inputs are {bound / mib:.0f} MiB"
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -203,3 +204,16 @@ def rewriting():
         raise click.UsageError(str(error)) from None
     except OSError as error:
         raise click.ClickException(f"cannot write {error.filename}: {error.strerror}") from None
+
+
+#: Size suffixes --memory-budget takes: decimal (k, M, G, T) and binary (Ki, Mi, Gi, Ti).
+_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+          "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+def parse_size(text: str) -> int:
+    """Bytes as written on a command line: 8000000000, 8G, 8GB, 7.5GiB, 512M."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*", str(text), re.IGNORECASE)
+    if not match:
+        raise ValueError(f"must be a size in bytes such as 8G, 512MiB or 8000000000; got {text!r}")
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "").lower()])

@@ -12,6 +12,7 @@ from nearswap_mergekit.cli.common import (
     check_ts,
     hide_progress_bars,
     load_plan,
+    parse_size,
     planning_options,
     reading,
     require_matplotlib,
@@ -37,6 +38,18 @@ def _check_ladder_method(recipe: str) -> None:
             f"recipe {recipe!r} uses merge_method {method!r}; ladder scores {METHOD_NAME!r} "
             f"recipes: write merge_method: {METHOD_NAME}"
         )
+
+
+def _check_size(_ctx, _param, value):
+    if value is None:
+        return None
+    try:
+        size = parse_size(value)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from None
+    if size <= 0:
+        raise click.BadParameter(f"must be more than 0 bytes; got {value!r}")
+    return size
 
 
 def _ladder_table(report: dict) -> list:
@@ -66,6 +79,11 @@ def _ladder_table(report: dict) -> list:
         f"{report['batches']} forward(s) per rung; {report['bytes_read']:,} bytes read; "
         f"peak {report['peak_bytes_held']:,} bytes of merged weights held; {report['wall_seconds']:.1f} s"
     )
+    if report["path"] == "layers":
+        lines.append(f"streamed layer by layer: {report['passes']} pass(es) over the inputs; hidden states "
+                     f"{report['hidden_state_bytes']:,} bytes at most (budget {report['memory_budget']:,})")
+    else:
+        lines.append(f"{report['path']}: the inputs are read once per batch")
     return lines
 
 
@@ -110,10 +128,17 @@ def _rung_recipe_name(recipe: str, label: str) -> str:
 @click.option("--with-inputs", is_flag=True,
               help="Also score each secondary alone (vocabulary-aligned, as the chain reads it): "
               "reference rows, after the rungs, in the table and --json (not in --plot).")
+@click.option("--memory-budget", "memory_budget", metavar="SIZE", callback=_check_size,
+              help="Bytes the hidden states may take between layers (8G, 512MiB, ...); the windows "
+              "are split into the fewest passes that fit, each reading the inputs once. Default: "
+              "half of the memory available at the start (on CUDA, of the GPU's free memory).")
+@click.option("--whole-model", is_flag=True,
+              help="Run the whole model per batch instead of layer by layer (reads every input "
+              "weight once per batch): the engine of earlier versions, for comparison.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @planning_options
 def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_path, plot_path,
-           recipes_dir, prompts, max_new_tokens, with_inputs, quiet, **flags):
+           recipes_dir, prompts, max_new_tokens, with_inputs, memory_budget, whole_model, quiet, **flags):
     """Score a ladder of t on your own text, and write no model: per rung, the
     perplexity and bits per byte of each --text, the KL from the base and top-1
     agreement with it, and the full-swap fraction per stage.
@@ -164,7 +189,7 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     request = ladder_setup.Request(
         texts=texts, contents=contents, ts=ts, targets=targets, context=context, batch=batch,
         eval_dtype=eval_dtype, device=device, prompts=prompts, max_new_tokens=max_new_tokens,
-        with_inputs=with_inputs, progress=not quiet,
+        with_inputs=with_inputs, progress=not quiet, memory_budget=memory_budget, whole_model=whole_model,
     )
     problem = None
     with reading(recipe):

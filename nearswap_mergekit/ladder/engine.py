@@ -60,33 +60,66 @@ class LadderRun:
     prompts: Sequence[str] = ()
     max_new_tokens: int = 32
     progress: bool = True
+    #: Bytes the hidden states of one pass may take (passes.choose_budget).
+    memory_budget: Optional[int] = None
+    #: Why the model runs whole, once per batch, instead of layer by layer (None: streamed).
+    whole_model: Optional[str] = None
 
 
 def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
-    """Score the base row and every rung on every text; the `ladder` JSON report."""
+    """Score the base row and every rung on every text; the `ladder` JSON report.
+    Streamed layer by layer (layers.py) where the family allows, else the whole
+    model per batch; --prompt continuations run whole either way."""
+    from nearswap_mergekit.ladder import layers
+
+    if setup.whole_model is not None:
+        report = _run_whole(setup, rungs)
+        report["path"] = f"whole model: {setup.whole_model}"
+        return report
+    report = layers.run(setup, rungs, setup.memory_budget)
+    if setup.prompts:
+        parties = [base_rung(), *rungs]
+        models, maps, reader, _ = _hooked_models(setup, parties, lambda: None)
+        for row, continuations in zip(report["rungs"], _continue_prompts(setup, parties, models, maps, reader)):
+            row["continuations"] = continuations
+        report["bytes_read_prompts"] = reader.bytes_read
+    return report
+
+
+def _hooked_models(setup: LadderRun, parties, merged, counts=None):
+    """One model per row, built empty, with accelerate's offload hooks over a weights
+    map that merges each weight when the forward reaches it."""
     from accelerate.hooks import attach_align_device_hook
+
+    models = [empty_model(setup.output.config, setup.eval_dtype) for _ in parties]
+    names = weight_sources(models[0], [job.name for job in setup.jobs])
+    reader = InputReader(setup.jobs, setup.config, names, setup.device, counts)
+    held = MergedHoldings()
+    maps = []
+    for party, model in zip(parties, models):
+        weights = MergedWeights(names, party, setup.eval_dtype, setup.device, held, merged)
+        attach_align_device_hook(model, execution_device=setup.device, offload=True, weights_map=weights)
+        maps.append(weights)
+    return models, maps, reader, held
+
+
+def _run_whole(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
+    """The whole model per batch: every weight's inputs read once per batch, shared
+    by the rows' forwards, which run in lockstep threads."""
 
     started = time.perf_counter()
     parties = [base_rung(), *rungs]
-    models = [empty_model(setup.output.config, setup.eval_dtype) for _ in parties]
-    names = weight_sources(models[0], [job.name for job in setup.jobs])
     counts = SwapCounts(rungs, max(len(job.stages) for job in setup.jobs))
-    reader = InputReader(setup.jobs, setup.config, names, setup.device, counts)
     groups = scoring.batches(setup.texts.windows, setup.batch)
-    held = MergedHoldings()
-    bar = tqdm(total=len(groups) * len(parties) * len(names), unit="tensors", desc="merging",
-               disable=not setup.progress)
     bar_lock = threading.Lock()
 
     def merged() -> None:
         with bar_lock:
             bar.update(1)
 
-    maps = []
-    for party, model in zip(parties, models):
-        weights = MergedWeights(names, party, setup.eval_dtype, setup.device, held, merged)
-        attach_align_device_hook(model, execution_device=setup.device, offload=True, weights_map=weights)
-        maps.append(weights)
+    models, maps, reader, held = _hooked_models(setup, parties, merged, counts)
+    bar = tqdm(total=len(groups) * len(parties) * len(maps[0]), unit="tensors", desc="merging",
+               disable=not setup.progress)
     scores = [[scoring.Score() for _ in setup.texts.paths] for _ in parties]
     with ThreadPoolExecutor(max_workers=len(parties), thread_name_prefix="nearswap-rung") as pool:
         for group in groups:
@@ -145,6 +178,7 @@ def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
         "eval_dtype": str(setup.eval_dtype).removeprefix("torch."),
         "texts": setup.texts.describe(),
         "rungs": report_rungs,
+        "passes": len(groups),
         "peak_bytes_held": held.peak,
         # Bytes asked of the input files while scoring, and then for the prompts.
         "bytes_read": bytes_scoring,

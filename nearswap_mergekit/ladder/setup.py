@@ -10,7 +10,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from nearswap_mergekit.ladder import EVAL_DTYPES, scoring
+from nearswap_mergekit.ladder import EVAL_DTYPES, families, passes, scoring
 from nearswap_mergekit.ladder.engine import LadderRun
 from nearswap_mergekit.ladder.output import execution_device, output_model
 from nearswap_mergekit.ladder.rungs import (
@@ -20,6 +20,7 @@ from nearswap_mergekit.ladder.rungs import (
     input_rung,
     recipe_rung,
 )
+from nearswap_mergekit.ladder.weights import empty_model
 from nearswap_mergekit.plan import calibration
 from nearswap_mergekit.plan.recipe import Plan
 
@@ -43,6 +44,10 @@ class Request:
     max_new_tokens: int = 32
     with_inputs: bool = False
     progress: bool = True
+    #: --memory-budget in bytes (None: passes.choose_budget's default).
+    memory_budget: Optional[int] = None
+    #: Run the whole model per batch, as the ladder did before it was streamed.
+    whole_model: bool = False
 
 
 def prepare(plan: Plan, request: Request) -> Tuple[LadderRun, List[Rung], List[Rung]]:
@@ -82,4 +87,22 @@ def prepare(plan: Plan, request: Request) -> Tuple[LadderRun, List[Rung], List[R
     # to different models in different layers).
     secondaries = dict.fromkeys(stage.model for job in jobs for stage in job.stages)
     references = [input_rung(model) for model in secondaries] if request.with_inputs else []
+    _choose_path(setup, request, rows=1 + len(rungs) + len(references))
     return setup, rungs, references
+
+
+def _choose_path(setup: LadderRun, request: Request, rows: int) -> None:
+    """Streamed layer by layer, within the memory budget, where the family allows;
+    else the whole model per batch (said in the report's `path`)."""
+    template = empty_model(setup.output.config, setup.eval_dtype)
+    reason = "--whole-model" if request.whole_model else families.unsupported(template)
+    if reason is not None:
+        if request.memory_budget is not None:
+            raise LadderError(f"--memory-budget splits the layer-by-layer loop into passes, and this "
+                              f"ladder runs the whole model per batch ({reason}): leave --memory-budget out")
+        setup.whole_model = reason
+        return
+    setup.memory_budget = passes.choose_budget(request.memory_budget, setup.device)
+    # Too small a budget is bad input: said now, before any weight is read.
+    passes.plan_passes(setup.texts.windows, setup.batch, rows, template.config.hidden_size,
+                       setup.eval_dtype, setup.memory_budget)
