@@ -143,11 +143,13 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     perplexity and bits per byte of each --text, the KL from the base and top-1
     agreement with it, and the full-swap fraction per stage.
 
-    Each rung's model is the one mergekit-yaml would write for RECIPE at that t,
-    merged a weight at a time as transformers' forward reaches it and let go
-    after; the base row (t = 0) and the rungs run together and share each read of
-    the inputs. The scoring rule is written out in the docstring of
-    nearswap_mergekit/ladder/scoring.py.
+    Each rung's model is the one mergekit-yaml would write for RECIPE at that t.
+    Llama, Mistral and Qwen2 models are streamed layer by layer: each layer's
+    inputs are read once, merged for the base row (t = 0) and every rung, and
+    every window runs through it before the next layer is read (in passes that
+    fit --memory-budget); other families run whole per batch, each weight merged
+    as the forward reaches it. The scoring rule: python -m pydoc
+    nearswap_mergekit.ladder.scoring.
 
     \b
     nearswap-mergekit ladder quartet.yml --text notes.txt --target-swap 0.8% --target-swap 10% --t 0.0025
