@@ -155,19 +155,22 @@ def check(plan: Plan, out: Optional[Path], read_rate: float = MEASURED_READ_RATE
     for index, doc in enumerate(stages, 1):
         where = validation.where_of(index, doc, len(stages))
         body = {k: v for k, v in doc.items() if k != "name"}
+        # The t rule first: some mergekits' configuration refuses a t that is not a
+        # number itself, in pydantic's words, which name no model.
+        bad_t = validation.threshold_problems(plan.path, body, where) if body.get("merge_method") == METHOD_NAME else []
+        for text in bad_t:
+            report.add(PROBLEM, text)
         try:
             config = MergeConfiguration.model_validate(body)
         except Exception as error:
-            report.add(PROBLEM, f"{where}: mergekit cannot read it: {validation.pydantic_summary(error)}")
+            if not bad_t:
+                report.add(PROBLEM, f"{where}: mergekit cannot read it: {validation.pydantic_summary(error)}")
             continue
         if config.merge_method not in known_methods:
             close = difflib.get_close_matches(config.merge_method, known_methods, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             report.add(PROBLEM, f"{where}: merge_method {config.merge_method!r} is not a merge "
                                 f"method of this mergekit{hint}")
-        if config.merge_method == METHOD_NAME:
-            for text in validation.threshold_problems(plan.path, body, where):
-                report.add(PROBLEM, text)
         for _model, where_t, raw in validation.thresholds(body):
             try:
                 t = parse_threshold(raw)
