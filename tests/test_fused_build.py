@@ -162,7 +162,7 @@ def test_cached_build_is_reused(tmp_path):
     folder = tmp_path / "cache" / "nearswap_mergekit"
 
     def build():
-        result = run_isolated("from nearswap_mergekit import _fused; print(_fused.build_info()['path'])",
+        result = run_isolated("from nearswap_mergekit.method import _fused; print(_fused.build_info()['path'])",
                               tmp_path, {"CC": "gcc"})
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout.split()[-1], {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
