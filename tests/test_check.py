@@ -80,7 +80,7 @@ def write(folder, name, text):
 BASE = "merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {other}\n    parameters:\n      t: {t}\ndtype: float16\n"
 
 
-def test_problems_are_listed_together_and_exit_2(workspace):
+def test_problems_are_listed_together_and_exit_2(workspace, monkeypatch):
     root = workspace.root
     local = root / "check-models"
     local.mkdir(exist_ok=True)
@@ -88,28 +88,28 @@ def test_problems_are_listed_together_and_exit_2(workspace):
         shutil.copytree(workspace.models / "xwin", local / "xwin")
     recipe = write(root, "check-typo.yml", BASE.format(
         method="nearswap_chian", base="./tiny-quartet/miqu", other="check-models/xwin", t=0.0001))
-    result = check(recipe, cwd=root)
-    assert result.returncode == 2, result.stdout
+    result = check_here(recipe, cwd=root, monkeypatch=monkeypatch)
+    assert result.exit_code == 2, result.stdout
     assert "merge_method 'nearswap_chian' is not a merge method of this mergekit (did you mean 'nearswap_chain'?)" in result.stdout
     assert "write it as './check-models/xwin'" in result.stdout
     missing = write(root, "check-missing.yml", BASE.format(
         method="nearswap_chain", base="./tiny-quartet/miqu", other="./tiny-quartet/nope", t=0.0001))
-    result = check(missing, cwd=root)
-    assert result.returncode == 2 and "model ./tiny-quartet/nope: no such folder" in result.stdout
+    result = check_here(missing, cwd=root, monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "model ./tiny-quartet/nope: no such folder" in result.stdout
 
 
-def test_a_large_t_warns_naming_the_card_but_runs(workspace):
+def test_a_large_t_warns_naming_the_card_but_runs(workspace, monkeypatch):
     recipe = write(workspace.root, "check-large-t.yml", BASE.format(
         method="nearswap_chain", base="./tiny-quartet/miqu", other="./tiny-quartet/xwin", t=0.003))
-    result = check(recipe, cwd=workspace.root)
-    assert result.returncode == 0, result.stdout
+    result = check_here(recipe, cwd=workspace.root, monkeypatch=monkeypatch)
+    assert result.exit_code == 0, result.stdout
     assert "warning: the recipe: t = 0.003 (model ./tiny-quartet/xwin) is >= 0.0025" in result.stdout
     small = write(workspace.root, "check-small-t.yml", BASE.format(
         method="nearswap_chain", base="./tiny-quartet/miqu", other="./tiny-quartet/xwin", t=0.0024))
-    assert "warning" not in check(small, cwd=workspace.root).stdout
+    assert "warning" not in check_here(small, cwd=workspace.root, monkeypatch=monkeypatch).stdout
 
 
-def test_differing_vocabularies_need_tokenizer(workspace):
+def test_differing_vocabularies_need_tokenizer(workspace, monkeypatch):
     root = workspace.root
     padded = root / "check-xwin-padded"
     if not padded.exists():
@@ -126,11 +126,11 @@ def test_differing_vocabularies_need_tokenizer(workspace):
         (padded / "config.json").write_text(json.dumps(config))
     plain = write(root, "check-vocab.yml", BASE.format(
         method="nearswap_chain", base="./tiny-quartet/miqu", other="./check-xwin-padded", t=0.0001))
-    result = check(plain, cwd=root)
-    assert result.returncode == 2 and "vocabularies differ (./tiny-quartet/miqu 320, ./check-xwin-padded 322): add `tokenizer:`" in result.stdout
+    result = check_here(plain, cwd=root, monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "vocabularies differ (./tiny-quartet/miqu 320, ./check-xwin-padded 322): add `tokenizer:`" in result.stdout
     aligned = write(root, "check-vocab-aligned.yml", (root / plain).read_text() + "tokenizer:\n  source: base\n")
-    result = check(aligned, cwd=root)
-    assert result.returncode == 0 and "`tokenizer:` aligns them" in result.stdout, result.stdout
+    result = check_here(aligned, cwd=root, monkeypatch=monkeypatch)
+    assert result.exit_code == 0 and "`tokenizer:` aligns them" in result.stdout, result.stdout
 
 
 def test_an_environment_without_the_plugin_is_named(workspace):
@@ -143,11 +143,11 @@ def test_an_environment_without_the_plugin_is_named(workspace):
     assert "Unimplemented merge method" in result.stdout
 
 
-def test_bad_arguments_exit_2_naming_them(tmp_path):
-    result = check("nope.yml", cwd=tmp_path)
-    assert result.returncode == 2 and "nope.yml" in result.stderr
+def test_bad_arguments_exit_2_naming_them(tmp_path, monkeypatch):
+    result = check_here("nope.yml", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "nope.yml" in result.stderr
     (tmp_path / "r.yml").write_text(BASE.format(method="nearswap_chain", base="./a", other="./b", t=1e-4))
-    result = check("r.yml", "out", "--out-shard-size", "lots", cwd=tmp_path)
-    assert result.returncode == 2 and "out-shard-size" in result.stderr
-    result = check("r.yml", "out", "--no-such-flag", cwd=tmp_path)
-    assert result.returncode == 2 and "--no-such-flag" in result.stderr
+    result = check_here("r.yml", "out", "--out-shard-size", "lots", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "out-shard-size" in result.stderr
+    result = check_here("r.yml", "out", "--no-such-flag", cwd=tmp_path, monkeypatch=monkeypatch)
+    assert result.exit_code == 2 and "--no-such-flag" in result.stderr
