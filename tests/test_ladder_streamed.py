@@ -133,3 +133,17 @@ def test_a_memory_budget_below_one_batch_names_the_smallest(streamed):
     both = run_cli("nearswap-mergekit", "ladder", "chain.yml", "--text", "story.txt", "--memory-budget",
                    "1G", "--whole-model", cwd=ws.root)
     assert both.returncode == 2 and "leave --memory-budget out" in both.stderr
+
+
+def test_calibration_reads_are_reported_apart(streamed):
+    """--target-swap calibrates first (calibrate's two read passes over the inputs,
+    under bytes_read_calibration); the scoring still reads the inputs once."""
+    ws, _config, one_pass, _passes, _whole, inputs = streamed
+    if ws.root.name.startswith("streamed-qwen2"):
+        pytest.skip("the same code on either family: run once")
+    ladder(ws, "chain.yml", "--text", "story.txt", "--context", str(CONTEXT), "--batch", str(BATCH),
+           "--target-swap", "1%", "--quiet", "--json", "target.json")
+    report = json.loads((ws.root / "target.json").read_text())
+    assert one_pass["bytes_read_calibration"] == 0
+    assert report["bytes_read"] <= 1.05 * inputs
+    assert 1.95 * inputs <= report["bytes_read_calibration"] <= 2.05 * inputs

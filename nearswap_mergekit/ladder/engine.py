@@ -64,6 +64,8 @@ class LadderRun:
     memory_budget: Optional[int] = None
     #: Why the model runs whole, once per batch, instead of layer by layer (None: streamed).
     whole_model: Optional[str] = None
+    #: Bytes of input files read to calibrate --target-swap, before any scoring.
+    bytes_read_calibration: int = 0
 
 
 def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
@@ -75,9 +77,10 @@ def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
     if setup.whole_model is not None:
         report = _run_whole(setup, rungs)
         report["path"] = f"whole model: {setup.whole_model}"
-        return report
-    report = layers.run(setup, rungs, setup.memory_budget)
-    if setup.prompts:
+    else:
+        report = layers.run(setup, rungs, setup.memory_budget)
+    report["bytes_read_calibration"] = setup.bytes_read_calibration
+    if setup.whole_model is None and setup.prompts:
         parties = [base_rung(), *rungs]
         models, maps, reader, _ = _hooked_models(setup, parties, lambda: None)
         for row, continuations in zip(report["rungs"], _continue_prompts(setup, parties, models, maps, reader)):

@@ -22,6 +22,7 @@ from nearswap_mergekit.ladder.rungs import (
 )
 from nearswap_mergekit.ladder.weights import empty_model
 from nearswap_mergekit.plan import calibration
+from nearswap_mergekit.plan.reader import ReadCount
 from nearswap_mergekit.plan.recipe import Plan
 
 #: Default longest window, where the model allows it.
@@ -73,6 +74,7 @@ def prepare(plan: Plan, request: Request) -> Tuple[LadderRun, List[Rung], List[R
         eval_dtype = "float32" if request.device == "cpu" else recipe_dtype
     rungs = [global_rung(t) for t in dict.fromkeys(request.ts)]
     targets = list(dict.fromkeys(request.targets))
+    read_before = ReadCount.bytes_read
     if targets:
         found = calibration.global_ts_for_targets(jobs, targets, progress=request.progress)
         rungs += [global_rung(t, f"swap {100 * target:g}%") for target, (t, _) in zip(targets, found)]
@@ -82,6 +84,7 @@ def prepare(plan: Plan, request: Request) -> Tuple[LadderRun, List[Rung], List[R
         recipe=plan.path, config=plan.config, jobs=jobs, output=output, texts=text_set, context=context,
         batch=request.batch, device=execution, eval_dtype=getattr(torch, eval_dtype), prompts=request.prompts,
         max_new_tokens=request.max_new_tokens, progress=request.progress,
+        bytes_read_calibration=ReadCount.bytes_read - read_before,
     )
     # Every secondary of any tensor's chain, in chain order (slices may give a stage
     # to different models in different layers).
