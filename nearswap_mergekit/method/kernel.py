@@ -17,7 +17,7 @@ from typing import Optional, Sequence, Tuple, Union
 
 import torch
 
-from nearswap_mergekit.method import _fused
+from nearswap_mergekit.method import _fused, _triton
 from nearswap_mergekit.method.spec import check_threshold
 
 #: Elements per block on the CPU: small enough to stay in L2 cache, large enough
@@ -27,6 +27,14 @@ CPU_BLOCK_SIZE = 1 << 16
 ACCELERATOR_BLOCK_SIZE = 1 << 24
 
 Threshold = Union[float, Sequence[float]]
+BACKENDS = ("auto", "fused", "triton", "torch")
+NOT_APPLICABLE = {
+    "fused": "the fused kernel does not apply here (it needs a C compiler and contiguous "
+    "CPU float32/float16/bfloat16 inputs of one dtype)",
+    "triton": "the Triton kernel does not apply here (it needs Triton and CUDA "
+    "float32/float16/bfloat16 inputs, or CPU tensors with TRITON_INTERPRET=1 set; "
+    f"{_fused.BACKEND_VARIABLE}=torch turns it off)",
+}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -55,8 +63,13 @@ def nearswap_chain(
         block_size: elements per block of the torch path (None picks one for
             the device); never changes the result.
         backend: "torch" (blocked torch ops), "fused" (the compiled one-pass
-            loop: contiguous CPU float32/float16/bfloat16 inputs of one dtype), or
-            "auto": fused where it applies, else torch. All give the same bits.
+            C loop: contiguous CPU float32/float16/bfloat16 inputs of one dtype),
+            "triton" (one Triton kernel: CUDA float32/float16/bfloat16 inputs,
+            mixed or strided too; CPU tensors through Triton's interpreter where
+            TRITON_INTERPRET=1 is set), or "auto": fused on the CPU and triton on
+            CUDA where they apply, else torch. All give the same bits (NaN bit
+            patterns aside on a GPU). NEARSWAP_MERGEKIT_KERNEL=torch makes
+            "auto" choose torch.
 
     Returns:
         A new contiguous tensor in the inputs' (promoted) dtype. Inputs are not modified.
@@ -112,18 +125,19 @@ def _chain(base, secondaries, tensors, thresholds, round_stages, block_size, bac
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1; got {block_size}")
 
-    if backend not in ("auto", "fused", "torch"):
-        raise ValueError(f"backend must be 'auto', 'fused' or 'torch'; got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(map(repr, BACKENDS))}; got {backend!r}")
     out = torch.empty(base.shape, dtype=io_dtype, device=device)
     if out.numel() == 0:
         return out
-    if backend != "torch" and _fused.run(base, secondaries, thresholds, round_stages, out):
+    if backend in ("auto", "fused") and _fused.run(base, secondaries, thresholds, round_stages, out):
         return out
-    if backend == "fused":
-        raise RuntimeError(
-            "the fused kernel does not apply here (it needs a C compiler and contiguous "
-            "CPU float32/float16/bfloat16 inputs of one dtype); use backend='auto'"
-        )
+    if backend in ("auto", "triton") and _triton.run(
+        base, secondaries, thresholds, round_stages, out, allow_interpreter=backend == "triton"
+    ):
+        return out
+    if backend != "auto" and backend != "torch":
+        raise RuntimeError(NOT_APPLICABLE[backend] + "; use backend='auto'")
     # Blocks are whole rows of the leading dimension, so strided inputs are read
     # block by block (copy_ handles strides and the dtype cast into the buffer).
     views = [x.reshape(1) if x.ndim == 0 else x for x in (*tensors, out)]
