@@ -14,10 +14,13 @@ MERGEKIT_MAIN=tests/upstream/mergekit-main-a6e4028.tar.gz
 MERGEKIT_MAIN_VERSION=0.1.6.dev0
 MERGEKITTY=mergekitty==0.3.1.post2
 sources=(pyproject.toml scripts/setup.sh nearswap_mergekit_hook.*)
+# EXTRAS: this package's extras. Only the 0.1.5 environment has `gpu` (Triton, whose
+# interpreter runs tests/test_triton.py on the CPU): the tests that use no mergekit
+# run in that suite alone.
 case "$MERGEKIT_VERSION" in
-    0.1.5) VENV=.venv; EXTRA=() ;;
+    0.1.5) VENV=.venv; EXTRA=(); EXTRAS=test,plot,gpu ;;
     # mergekit 0.1.4 needs transformers 4.x
-    0.1.4) VENV=.venv-mergekit-0.1.4; EXTRA=("transformers<5") ;;
+    0.1.4) VENV=.venv-mergekit-0.1.4; EXTRA=("transformers<5"); EXTRAS=test,plot ;;
     main) VENV=.venv-mergekit-main; sources+=("$MERGEKIT_MAIN") ;;
     mergekitty) VENV=.venv-mergekitty ;;
     *) echo "MERGEKIT_VERSION must be 0.1.4, 0.1.5, main or mergekitty" >&2; exit 2 ;;
@@ -66,7 +69,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q hatchling
     case "$MERGEKIT_VERSION" in
         0.1.4 | 0.1.5)
-            "$VENV/bin/python" -m pip install -q -e ".[test,plot]" "mergekit==$MERGEKIT_VERSION" "${EXTRA[@]}"
+            "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]" "mergekit==$MERGEKIT_VERSION" "${EXTRA[@]}"
             ;;
         main)
             # mergekit's README installs main from a checkout; the snapshot still says
