@@ -19,6 +19,7 @@ logic with it; only a GPU shows the GPU's bits).
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -65,9 +66,7 @@ def kernel_module():
         if not _tried:
             _tried = True
             try:
-                from nearswap_mergekit.method import _triton_kernel
-
-                _module = _triton_kernel
+                _module = importlib.import_module("nearswap_mergekit.method._triton_kernel")
             except ImportError as error:
                 _warn(f"Triton is not installed: {error}")
             except Exception as error:  # a broken Triton install

@@ -62,7 +62,8 @@ def chain_kernel(inputs, t_ptr, out_ptr, n, STAGES: tl.constexpr, ROUND: tl.cons
             a = x
         else:
             # One stage, as kernel.py's _stage: d = |a - b|; w = t / d; nan_to_num;
-            # clamp; b*w; 1 - w; a*(1 - w); b*w + a*(1 - w).
+            # clamp; w*b; 1 - w; a*(1 - w); then the sum, a*(1 - w) first: where both
+            # terms are NaN, the CPU (and the card's numpy) keeps that term's payload.
             t = tl.load(t_ptr + (k - 1))
             d = tl.abs(a - x)
             w = tl.div_rn(t, d)
@@ -71,7 +72,7 @@ def chain_kernel(inputs, t_ptr, out_ptr, n, STAGES: tl.constexpr, ROUND: tl.cons
             bw = w * x
             one_minus_w = 1.0 - w
             a = a * one_minus_w
-            a = bw + a
+            a = a + bw
             if (OUT_F16 or OUT_BF16) and (ROUND or k == STAGES):
                 # Round to the output's 16-bit type, to nearest even: `bits`.
                 ab = a.to(tl.uint32, bitcast=True)
