@@ -14,6 +14,7 @@ import logging
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -327,3 +328,13 @@ def test_the_ptx_check_sees_fusion():
     """With fusion left on, the same kernel has FMAs: the check above is not vacuous."""
     ops = float_instructions(compile_ptx(90, "*fp32", "*fp32", enable_fp_fusion=True))
     assert any(op.startswith("fma.") for op in ops)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
+def test_gpu_benchmark_without_cuda_says_why_and_writes_nothing(tmp_path):
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
+    result = subprocess.run([sys.executable, str(script), "--results", str(tmp_path / "results"),
+                             "--work", str(tmp_path / "work")], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "no CUDA device" in result.stderr
+    assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
