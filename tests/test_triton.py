@@ -10,6 +10,7 @@ compares the bits on a GPU. Skipped where Triton is not installed (only the
 mergekit 0.1.5 environment has the `gpu` extra).
 """
 
+import importlib.util
 import logging
 import re
 import subprocess
@@ -332,9 +333,14 @@ def test_the_ptx_check_sees_fusion():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without a CUDA device")
 def test_gpu_benchmark_without_cuda_says_why_and_writes_nothing(tmp_path):
+    from click.testing import CliRunner
+
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu.py"
-    result = subprocess.run([sys.executable, str(script), "--results", str(tmp_path / "results"),
-                             "--work", str(tmp_path / "work")], capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.count("\n") == 1 and "no CUDA device" in result.stderr
+    spec = importlib.util.spec_from_file_location("nearswap_gpu_benchmark", script)
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    result = CliRunner().invoke(benchmark.main, ["--results", str(tmp_path / "results"),
+                                                 "--work", str(tmp_path / "work")])
+    assert result.exit_code == 2
+    assert result.stderr.count("\n") == 1 and "no CUDA device" in result.stderr and not result.stdout
     assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()

@@ -33,6 +33,9 @@ from triton.runtime.jit import JITFunction
 
 #: Elements per program; 16 float16 values per thread with 4 warps.
 BLOCK = 2048
+#: Elements per program in Triton's interpreter, where each program costs Python
+#: overhead: larger blocks, still several per tensor in the tests.
+INTERPRETER_BLOCK = 1 << 14
 NUM_WARPS = 4
 #: Launch options: the IEEE points above that are compiler options.
 OPTIONS = {"enable_fp_fusion": False, "enable_reflect_ftz": False}
@@ -105,6 +108,7 @@ interpreted = InterpretedFunction(chain_kernel)
 def launch(kernel, inputs, thresholds, out, round_stages: bool) -> None:
     """Run `kernel` over flat contiguous `inputs` (int16 views for bfloat16) into `out`."""
     n = out.numel()
-    grid = (triton.cdiv(n, BLOCK),)
-    kernel[grid](tuple(inputs), thresholds, out, n, STAGES=len(inputs) - 1,
-                 ROUND=bool(round_stages), BLOCK=BLOCK, num_warps=NUM_WARPS, **OPTIONS)
+    block = INTERPRETER_BLOCK if kernel is interpreted else BLOCK
+    kernel[(triton.cdiv(n, block),)](tuple(inputs), thresholds, out, n, STAGES=len(inputs) - 1,
+                                     ROUND=bool(round_stages), BLOCK=block, num_warps=NUM_WARPS,
+                                     **OPTIONS)
