@@ -344,3 +344,35 @@ def test_gpu_benchmark_without_cuda_says_why_and_writes_nothing(tmp_path):
     assert result.exit_code == 2
     assert result.stderr.count("\n") == 1 and "no CUDA device" in result.stderr and not result.stdout
     assert not (tmp_path / "results").exists() and not (tmp_path / "work").exists()
+
+
+def test_the_launch_path_compiles_the_kernel_as_checked(monkeypatch):
+    """What a launch on a GPU compiles (Triton's JIT, the kernel's own arguments and
+    options, bound to tensors) has the same IEEE PTX: compiled for sm_90 with a
+    stand-in for the CUDA driver, and not launched."""
+    from triton.backends.compiler import GPUTarget
+    from triton.runtime import driver
+
+    class NoGPU:
+        def get_current_target(self):
+            return GPUTarget("cuda", 90, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device):
+            return 0
+
+    module = _triton.kernel_module()
+    inputs = [torch.zeros(4096, dtype=torch.float16), torch.zeros(4096, dtype=torch.int16),
+              torch.zeros(4096, dtype=torch.float32)]
+    grid, args, kwargs = module.arguments(inputs, torch.zeros(2), torch.empty(4096, dtype=torch.int16), True)
+    monkeypatch.setattr(driver, "_active", NoGPU())
+    try:
+        compiled = module.compiled.warmup(*args, grid=grid, **kwargs)
+    except Exception as error:
+        pytest.skip(f"cannot compile for sm_90 here: {type(error).__name__}: {error}")
+    assert compiled.metadata.enable_fp_fusion is False
+    ops = float_instructions(compiled.asm["ptx"])
+    assert "div.rn.f32" in ops and not [op for op in ops if op.startswith(("fma.", "div.full", "div.approx"))]
+    assert not [op for op in ops if ".ftz" in op or (op.startswith(("min.", "max.")) and ".f" in op)]

@@ -105,10 +105,17 @@ compiled = JITFunction(chain_kernel)
 interpreted = InterpretedFunction(chain_kernel)
 
 
-def launch(kernel, inputs, thresholds, out, round_stages: bool) -> None:
-    """Run `kernel` over flat contiguous `inputs` (int16 views for bfloat16) into `out`."""
+def arguments(inputs, thresholds, out, round_stages: bool, block: int = BLOCK):
+    """(grid, args, kwargs) of one launch over flat contiguous `inputs` (int16 views for
+    bfloat16) into `out`: the compiler options included."""
     n = out.numel()
+    kwargs = {"STAGES": len(inputs) - 1, "ROUND": bool(round_stages), "BLOCK": block,
+              "num_warps": NUM_WARPS, **OPTIONS}
+    return (triton.cdiv(n, block),), (tuple(inputs), thresholds, out, n), kwargs
+
+
+def launch(kernel, inputs, thresholds, out, round_stages: bool) -> None:
+    """Run `kernel` (compiled or interpreted) over `inputs` into `out`."""
     block = INTERPRETER_BLOCK if kernel is interpreted else BLOCK
-    kernel[(triton.cdiv(n, block),)](tuple(inputs), thresholds, out, n, STAGES=len(inputs) - 1,
-                                     ROUND=bool(round_stages), BLOCK=block, num_warps=NUM_WARPS,
-                                     **OPTIONS)
+    grid, args, kwargs = arguments(inputs, thresholds, out, round_stages, block)
+    kernel[grid](*args, **kwargs)
