@@ -97,7 +97,7 @@ class InputReader:
         return Inputs(job, tensors, self.out_dtype)
 
     def _tensor(self, reader, dtype: Optional[torch.dtype]) -> torch.Tensor:
-        tensor = reader.matrix().reshape(reader.shape)
+        tensor = reader.read_whole().reshape(reader.shape)
         # mergekit's loader casts each input to the recipe's dtype.
         return tensor.to(device=self.device, dtype=dtype or tensor.dtype)
 

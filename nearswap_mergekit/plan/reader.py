@@ -208,6 +208,11 @@ class RowReader:
             self._tensor = self._load().reshape(self.rows, self.row_len)
         return self._tensor
 
+    def read_whole(self) -> torch.Tensor:
+        """The whole tensor as (rows, row_len), in memory of its own where the file
+        allows (see SafetensorsRows.read_whole)."""
+        return self.matrix()
+
     def read_rows(self, index: torch.Tensor, out: torch.Tensor) -> None:
         """out[i] = row index[i], converted to out's dtype."""
         source = self.matrix()
@@ -242,6 +247,18 @@ class SafetensorsRows(RowReader):
 
     def release(self) -> None:
         self._tensor = None  # a view of the mapping: nothing held
+
+    def read_whole(self) -> torch.Tensor:
+        """The tensor's bytes read (pread) into a new tensor, not mapped. A reader
+        that goes through a file once and holds each tensor while it computes (the
+        ladder) leaves only unmapped page cache behind, which a memory limit reclaims
+        first; its mapped pages were reclaimed and read again: under a 2 GiB cgroup
+        with 3 GB of inputs, 21x the inputs read per pass and killed for memory,
+        against 1.0x by pread."""
+        out = torch.empty((self.rows, self.row_len), dtype=self.dtype)
+        if out.numel():
+            _open_file(self._file).read_into(self.span.start, memoryview(out.view(-1).view(torch.uint8).numpy()))
+        return out
 
     def read_rows(self, index: torch.Tensor, out: torch.Tensor) -> None:
         """out[i] = row index[i]: one pread per run of consecutive rows, straight into
