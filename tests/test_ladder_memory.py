@@ -1,12 +1,16 @@
 """`nearswap-mergekit ladder` holds one layer's weights at a time, not the model's: the
 peak anonymous memory (RssAnon) of a ladder over a 4-layer family is within one
 layer's inputs of the same ladder over a 2-layer family of the same shapes, also
-when a small --memory-budget splits it into several passes."""
+when a small --memory-budget splits it into several passes. And its peak above what
+it held when it started scoring is within the documented formula: one layer's
+inputs + every row's merged layer + one pass's hidden states + one batch's
+activations and log-probabilities (+ every row's embedding where tied)."""
 
 import json
 import math
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -114,4 +118,90 @@ def test_peak_memory_does_not_grow_with_depth(families):
     assert passes - shallow < bound, (
         f"peak RssAnon {passes / mib:.0f} MiB in {report['passes']} passes, {shallow / mib:.0f} MiB with "
         f"{LAYERS[0]} layers in one: one layer's inputs are {bound / mib:.0f} MiB"
+    )
+
+
+#: Runs the ladder command in process, writing RssAnon at the moment the streamed
+#: loop starts (imports, planning, tokenizer and windows done) to argv[1].
+INSTRUMENTED = """
+import sys
+from pathlib import Path
+from nearswap_mergekit.ladder import layers
+from nearswap_mergekit.cli import main
+
+def anon():
+    status = Path('/proc/self/status').read_text()
+    return next(int(l.split()[1]) * 1024 for l in status.splitlines() if l.startswith('RssAnon:'))
+
+streamed = layers.run
+def run(*args, **kwargs):
+    Path(sys.argv[1]).write_text(str(anon()))
+    return streamed(*args, **kwargs)
+layers.run = run
+main(sys.argv[2:], prog_name='nearswap-mergekit')
+"""
+
+FORMULA_CONTEXT, FORMULA_BATCH = 128, 2
+
+
+def formula_bytes(spec: TinyLlama, rows: int, hidden_state_bytes: int, vocab: int = 320) -> dict:
+    """The ladder's documented need above its start, term by term (float32 rows)."""
+    shapes = llama_tensor_shapes(_llama_config(spec, vocab_size=vocab))
+    layer = sum(math.prod(shape) for name, shape in shapes.items() if name.startswith("model.layers.0."))
+    positions = FORMULA_BATCH * FORMULA_CONTEXT
+    return {
+        "one layer's inputs": layer_input_bytes(spec),
+        "every row's merged layer": rows * layer * 4,
+        "one pass's hidden states": hidden_state_bytes,
+        # One row's forward through a layer at a time: its MLP's three intermediate
+        # tensors, a few hidden-sized ones and the attention scores; then the head's
+        # logits and log-probabilities for every row (the base row's kept for the rest).
+        "one batch's activations": positions * (3 * spec.intermediate_size + 6 * spec.hidden_size) * 4
+        + FORMULA_BATCH * spec.num_attention_heads * FORMULA_CONTEXT**2 * 4,
+        "one batch's log-probabilities": 2 * rows * positions * vocab * 4,
+    }
+
+
+def instrumented_peak(root: Path, recipe: Path, *extra: str) -> tuple:
+    """(peak RssAnon, RssAnon when scoring started, the JSON report) of one ladder."""
+    mark = root / f"{recipe.stem}-start.txt"
+    json_path = root / f"{recipe.stem}-formula.json"
+    args = [sys.executable, "-c", INSTRUMENTED, str(mark), "ladder", str(recipe), "--text", "long.txt",
+            "--quiet", "--context", str(FORMULA_CONTEXT), "--batch", str(FORMULA_BATCH), "--json",
+            str(json_path), *extra]
+    for t in TS:
+        args += ["--t", t]
+    process = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1", **ALLOCATOR})
+    peak = 0
+    while process.poll() is None:
+        peak = max(peak, rss_anon(process.pid))
+        time.sleep(POLL_S)
+    assert process.returncode == 0, process.stderr.read().decode()
+    return peak, int(mark.read_text()), json.loads(json_path.read_text())
+
+
+@pytest.mark.parametrize("budget", [None, "small"], ids=["one pass", "several passes"])
+def test_peak_memory_is_within_the_formula(families, budget):
+    """Peak RssAnon above the start of scoring <= the formula's sum, on a text of 40
+    windows whose hidden states (3 rows x 40 x 128 x 1024 float32, 63 MB) weigh as
+    much as one layer's inputs; with a budget of a third of them, in several passes,
+    each pass's hidden states count, not all windows'."""
+    root, recipes = families
+    if not Path("/proc/self/status").exists():
+        pytest.skip("needs Linux's /proc/PID/status RssAnon")
+    (root / "long.txt").write_text(TEXT * 45, encoding="utf-8")
+    rows = 1 + len(TS)
+    extra = ()
+    if budget == "small":
+        extra = ("--memory-budget", str(rows * 14 * FORMULA_CONTEXT * SHAPE["hidden_size"] * 4))
+    peak, start, report = instrumented_peak(root, recipes[LAYERS[1]], *extra)
+    assert report["path"] == "layers" and report["batches"] >= 20
+    assert report["passes"] >= (3 if budget else 1)
+    terms = formula_bytes(TinyLlama(num_hidden_layers=LAYERS[1], **SHAPE), rows, report["hidden_state_bytes"])
+    mib = 2**20
+    described = ", ".join(f"{name} {value / mib:.0f}" for name, value in terms.items())
+    assert peak - start <= sum(terms.values()), (
+        f"peak RssAnon {peak / mib:.0f} MiB, {(peak - start) / mib:.0f} MiB above the start of scoring "
+        f"({start / mib:.0f} MiB); the formula allows {sum(terms.values()) / mib:.0f} MiB ({described})"
     )
