@@ -236,13 +236,14 @@ def ladder(recipe, texts, task_names, include_path, limit, num_fewshot, ts, targ
     from nearswap_mergekit.ladder.rungs import LadderError
     from nearswap_mergekit.tools import recipewriter
 
+    # bad input first: nothing is planned, read or written before these pass
+    task_request = _task_request(task_names, include_path, limit, num_fewshot)
     if not texts and not task_names:
         raise BadInput("nothing to score: give --text FILE or --task NAME (or both)")
-    try:  # bad input first: nothing is planned, read or written before these pass
+    try:
         contents = [scoring.read_text(path) for path in texts]
     except scoring.TextError as error:
         raise BadInput(str(error)) from None
-    task_request = _task_request(task_names, include_path, limit, num_fewshot)
     if context is not None and context < 2:
         raise BadInput(f"--context {context}: a window needs 2 positions or more (one to "
                         "condition on, one to score)")

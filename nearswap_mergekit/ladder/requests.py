@@ -56,6 +56,8 @@ class RequestSet:
     #: Per record, the indices of its windows, in order.
     pieces: List[List[int]] = field(default_factory=list)
     max_length: int = 0
+    #: Pairs longer than max_length + 1 tokens, cut on the left.
+    truncated: int = 0
 
     def describe(self) -> dict:
         kinds = [kind for kind, _ in self.records]
@@ -65,6 +67,7 @@ class RequestSet:
             "windows": len(self.windows),
             "tokens": sum(len(w.ids) for w in self.windows),
             "max_length": self.max_length,
+            "truncated": self.truncated,
         }
 
     def answers(self, scored: Sequence[Tuple[float, bool]]) -> Dict[Tuple[str, tuple], object]:
@@ -110,12 +113,13 @@ def prepare(records: Sequence[Tuple[str, tuple]], config, tokenizer) -> RequestS
     own tokenization."""
     import logging
 
-    model = tokenizer_model(config, tokenizer)
-    found = RequestSet(list(records), max_length=model.max_length)
     quiet = logging.getLogger("lm_eval.models.huggingface")
     level = quiet.level
-    quiet.setLevel(logging.ERROR)  # HFLM warns once per truncated request
+    # HFLM warns of a model given as an object, and once per truncated request.
+    quiet.setLevel(logging.ERROR)
     try:
+        model = tokenizer_model(config, tokenizer)
+        found = RequestSet(list(records), max_length=model.max_length)
         for kind, args in records:
             model.collected = []
             if kind == LOGLIKELIHOOD:
@@ -125,6 +129,7 @@ def prepare(records: Sequence[Tuple[str, tuple]], config, tokenizer) -> RequestS
             pieces = []
             for context, continuation in model.collected:
                 pieces.append(len(found.windows))
+                found.truncated += len(context) + len(continuation) > model.max_length + 1
                 found.windows.append(window(len(found.windows), context, continuation, model.max_length))
             found.pieces.append(pieces)
     finally:

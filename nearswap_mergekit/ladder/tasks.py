@@ -20,6 +20,7 @@ it. Only lm-eval's log-likelihood request types can be answered this way:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -68,7 +69,8 @@ def check_limit(limit: Optional[float]) -> Optional[Union[int, float]]:
 
 @contextlib.contextmanager
 def _quiet_lm_eval():
-    """lm-eval's warnings (defaults it fills in, few-shot overrides) off the terminal;
+    """lm-eval's warnings (defaults it fills in, few-shot overrides) and progress
+    bars off the terminal;
     and, in `simple_evaluate`, none of the environment report that `results` leaves
     aside (a `git describe` that prints to the terminal outside a git checkout, and
     torch's collect_env, seconds per call): only `results` is used."""
@@ -76,17 +78,26 @@ def _quiet_lm_eval():
 
     import lm_eval.evaluator
 
+    import datasets.utils.logging as datasets_logging
+
     loggers = [logging.getLogger(name) for name in ("lm_eval", "datasets")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    bars = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()  # a bar per split built: noise before a one-line error
     try:
+        # lm-eval's own bars (building each task's requests) go to a buffer: drawn
+        # on the terminal they would come before a one-line error.
         with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
-                mock.patch.object(lm_eval.evaluator, "add_env_info", lambda _results: None):
+                mock.patch.object(lm_eval.evaluator, "add_env_info", lambda _results: None), \
+                contextlib.redirect_stderr(io.StringIO()):
             yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        if bars:
+            datasets_logging.enable_progress_bar()
 
 
 def task_manager(request: TaskRequest):
@@ -110,11 +121,18 @@ def task_manager(request: TaskRequest):
 
 
 def _unknown(name: str, manager, include_path: Optional[str]) -> str:
-    try:
-        from lm_eval.api.registry import _suggest_similar
-    except ImportError:  # another lm-eval: difflib's instead
-        from difflib import get_close_matches as _suggest_similar
-    suggestions = list(_suggest_similar(name, manager.all_tasks))[:3]
+    from difflib import get_close_matches
+
+    # The closest names; else what lm-eval suggests for a name it does not know
+    # (its registries' prefix match), where this lm-eval has that helper.
+    suggestions = get_close_matches(name, manager.all_tasks, n=3)
+    if not suggestions:
+        try:
+            from lm_eval.api.registry import _suggest_similar
+
+            suggestions = list(_suggest_similar(name, manager.all_tasks))[:3]
+        except ImportError:
+            pass
     hint = f" Did you mean: {', '.join(suggestions)}?" if suggestions else ""
     where = f"lm-eval's tasks or {include_path}" if include_path else "lm-eval's tasks (add --include-path DIR for your own)"
     return f"--task {name}: no task, group or tag of that name in {where}.{hint}"
@@ -123,12 +141,10 @@ def _unknown(name: str, manager, include_path: Optional[str]) -> str:
 def load_tasks(request: TaskRequest, manager) -> None:
     """Build each task, its data set included, before anything is read; TaskError
     for one whose data set is not on this machine and cannot be downloaded."""
-    from lm_eval.tasks import get_task_dict
-
     for name in request.names:
         try:
             with _quiet_lm_eval():
-                get_task_dict([name], manager)
+                manager.load([name])
         except Exception as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
             raise TaskError(
