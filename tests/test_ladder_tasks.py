@@ -69,6 +69,12 @@ def write_tasks(folder):
                      "test_split": "test", "output_type": "loglikelihood_rolling", "doc_to_text": "",
                      "doc_to_target": "{{text}}",
                      "metric_list": [{"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")]},
+        # Each question's answer scored alone: its perplexity moves with every token of
+        # context (truncation included), and its acc is lm-eval's greedy check.
+        "tiny_ll": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"train": str(mc), "test": str(mc)}},
+                    "training_split": "train", "test_split": "test", "output_type": "loglikelihood",
+                    "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": " {{choices[answer]}}",
+                    "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}]},
         "tiny_gen": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(mc)}},
                      "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
                      "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["\n"]},
@@ -99,7 +105,7 @@ def family(tmp_path_factory):
         "models": [{"model": str(ws.models / name)} for name in NAMES[1:]],
         "parameters": {"t": 1e-3}, "dtype": "float32",
     })
-    common = [recipe, "--task", "tiny_mc", "--task", "tiny_ppl", "--include-path", ws.root / "tasks",
+    common = [recipe, "--task", "tiny_mc", "--task", "tiny_ppl", "--task", "tiny_ll", "--include-path", ws.root / "tasks",
               *[arg for t in TS for arg in ("--t", t)], "--quiet"]
     reports = {}
     for name, extra in (("zero", ["--recipes", ws.root / "rungs"]), ("few", ["--num-fewshot", "2", "--limit", "5"])):
@@ -126,7 +132,7 @@ def hf_results(folder, manager, **settings):
     import lm_eval
 
     return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
-                                   tasks=["tiny_mc", "tiny_ppl"], batch_size=1, device="cpu", task_manager=manager,
+                                   tasks=["tiny_mc", "tiny_ppl", "tiny_ll"], batch_size=1, device="cpu", task_manager=manager,
                                    **settings)["results"]
 
 
@@ -139,11 +145,13 @@ def test_every_rung_equals_lm_eval_on_the_written_merge(family, manager, setting
     for row in report["rungs"]:
         expected = hf_results(merges[row["label"]], manager, **settings)
         got = row["tasks"]
-        assert set(got) == set(expected) == {"tiny_mc", "tiny_ppl"}
+        assert set(got) == set(expected) == {"tiny_mc", "tiny_ppl", "tiny_ll"}
         for key in ("acc,none", "acc_norm,none", "acc_stderr,none", "acc_norm_stderr,none"):
             assert got["tiny_mc"][key] == expected["tiny_mc"][key], (row["label"], key)
         for key in ("bits_per_byte,none", "byte_perplexity,none", "word_perplexity,none"):
             assert got["tiny_ppl"][key] == pytest.approx(expected["tiny_ppl"][key], rel=1e-6), (row["label"], key)
+        assert got["tiny_ll"]["acc,none"] == expected["tiny_ll"]["acc,none"], row["label"]
+        assert got["tiny_ll"]["perplexity,none"] == pytest.approx(expected["tiny_ll"]["perplexity,none"], rel=1e-6)
         assert got["tiny_mc"]["sample_len"] == expected["tiny_mc"]["sample_len"] == (5 if settings else 12)
     # The rungs differ from the base, so equality is not that of one model with itself.
     ppl = [row["tasks"]["tiny_ppl"]["bits_per_byte,none"] for row in report["rungs"]]
@@ -160,7 +168,7 @@ def test_requests_are_truncated_and_rolled_at_the_model_length(family):
         assert requests["windows"] > requests["loglikelihood"] + requests["loglikelihood_rolling"]
     # Two-shot questions run past the model length, and are cut on the left to it.
     assert reports["zero"]["requests"]["truncated"] > 0
-    assert reports["few"]["requests"]["truncated"] == reports["few"]["requests"]["loglikelihood"] == 5 * 4
+    assert reports["few"]["requests"]["truncated"] == reports["few"]["requests"]["loglikelihood"] == 5 * 4 + 5
 
 
 def test_all_tasks_and_rungs_in_one_read_of_the_inputs(family):
@@ -169,7 +177,7 @@ def test_all_tasks_and_rungs_in_one_read_of_the_inputs(family):
         assert report["path"] == "layers" and report["passes"] == 1
         assert report["bytes_read"] <= 1.05 * inputs
         assert "request_scores" not in report
-        assert report["task_settings"]["tasks"] == ["tiny_mc", "tiny_ppl"]
+        assert report["task_settings"]["tasks"] == ["tiny_mc", "tiny_ppl", "tiny_ll"]
 
 
 def test_text_and_task_combine(family):
