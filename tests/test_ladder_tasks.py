@@ -253,3 +253,22 @@ def test_unknown_tasks_and_data_sets_not_here(family):
     assert line.startswith("Error: --task tiny_hub: its data set could not be loaded here (")
     assert line.endswith("local files (dataset_path: json, data_files) in a task under --include-path work offline")
     assert not (ws.root / "bad.json").exists()
+
+
+def test_merged_lm_is_an_lm_eval_model_for_one_t(family, manager):
+    """nearswap_mergekit.ladder.lm.merged_lm: simple_evaluate(model=...) on one t,
+    merged on access, equals lm-eval's hf backend on the written merge."""
+    import lm_eval
+
+    from nearswap_mergekit.ladder.lm import merged_lm
+
+    ws, _reports, merges, _inputs = family
+    before = {path for path in ws.root.rglob("*")}
+    settings = dict(tasks=["tiny_mc", "tiny_ll"], limit=4, num_fewshot=1, task_manager=manager)
+    got = lm_eval.simple_evaluate(model=merged_lm(str(ws.root / "chain.yml"), t=float(TS[0])), **settings)["results"]
+    expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={merges[f't={float(TS[0]):g}']},"
+                                       "dtype=float32", batch_size=1, device="cpu", **settings)["results"]
+    for key in ("acc,none", "acc_norm,none"):
+        assert got["tiny_mc"][key] == expected["tiny_mc"][key]
+    assert got["tiny_ll"]["perplexity,none"] == pytest.approx(expected["tiny_ll"]["perplexity,none"], rel=1e-6)
+    assert {path for path in ws.root.rglob("*")} == before
