@@ -272,3 +272,37 @@ def test_merged_lm_is_an_lm_eval_model_for_one_t(family, manager):
         assert got["tiny_mc"][key] == expected["tiny_mc"][key]
     assert got["tiny_ll"]["perplexity,none"] == pytest.approx(expected["tiny_ll"]["perplexity,none"], rel=1e-6)
     assert {path for path in ws.root.rglob("*")} == before
+
+
+def test_the_demo_quartet_equals_lm_eval_on_its_merge(family, manager, tmp_path):
+    """The demo quartet (float16, `tokenizer: source: base`, a tokenizer that adds no
+    BOS): its recipe's own t against the stock merge, two-shot on four documents."""
+    import shutil
+
+    import lm_eval
+    from conftest import CONFIGS
+
+    ws = Workspace(tmp_path)
+    build_family(ws.models)
+    shutil.copy(CONFIGS / "demo-quartet.yml", ws.root / "quartet.yml")
+    tasks = family[0].root / "tasks"
+    result = run_cli("nearswap-mergekit", "ladder", "quartet.yml", "--task", "tiny_mc", "--task", "tiny_ppl",
+                     "--task", "tiny_ll", "--include-path", tasks, "--limit", "4", "--num-fewshot", "2", "--quiet",
+                     "--json", "quartet.json", cwd=ws.root, check=True)
+    report = json.loads((ws.root / "quartet.json").read_text())
+    assert report["requests"]["max_length"] == 256 and report["passes"] == 1
+    inputs = sum((ws.models / name / "model.safetensors").stat().st_size for name in ws.models.iterdir()
+                 if (ws.models / name / "model.safetensors").exists())
+    assert report["bytes_read"] <= 1.05 * inputs
+    ws.merge("quartet.yml", "merged")
+    for row, folder in zip(report["rungs"], (ws.models / "miqu", ws.root / "merged")):
+        expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
+                                           tasks=["tiny_mc", "tiny_ppl", "tiny_ll"], batch_size=1, device="cpu",
+                                           limit=4, num_fewshot=2, task_manager=manager)["results"]
+        got = row["tasks"]
+        for key in ("acc,none", "acc_norm,none"):
+            assert got["tiny_mc"][key] == expected["tiny_mc"][key], (row["label"], key)
+        assert got["tiny_ll"]["acc,none"] == expected["tiny_ll"]["acc,none"]
+        for task, key in (("tiny_ppl", "bits_per_byte,none"), ("tiny_ll", "perplexity,none")):
+            assert got[task][key] == pytest.approx(expected[task][key], rel=1e-6), (row["label"], key)
+    assert "tiny_ppl" in result.stdout
