@@ -185,8 +185,9 @@ def test_text_and_task_combine(family):
     (ws.root / "story.txt").write_text(" ".join(WORDS) * 20, encoding="utf-8")
     result = ladder(ws.root / "chain.yml", "--text", ws.root / "story.txt", "--task", "tiny_mc", "--include-path",
                     ws.root / "tasks", "--limit", "5", "--num-fewshot", "2", "--t", TS[0], "--quiet",
-                    "--json", ws.root / "both.json")
+                    "--json", ws.root / "both.json", "--plot", ws.root / "both.png")
     assert result.exit_code == 0, result.output
+    assert (ws.root / "both.png").stat().st_size > 0
     report = json.loads((ws.root / "both.json").read_text())
     assert report["passes"] == 1 and report["bytes_read"] <= 1.05 * inputs
     assert report["texts"][0]["tokens"] > MODEL_LENGTH

@@ -147,6 +147,9 @@ def load_tasks(request: TaskRequest, manager) -> None:
                 manager.load([name])
         except Exception as error:
             first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            if isinstance(error, FileNotFoundError):
+                raise TaskError(f"--task {name}: {first[:300]}: check its data_files (a relative path is "
+                                "taken from the folder the command runs in)") from None
             raise TaskError(
                 f"--task {name}: its data set could not be loaded here ({type(error).__name__}: {first[:200]}); "
                 "offline, only data sets already in the Hugging Face cache load: local files "
