@@ -307,3 +307,20 @@ def test_the_demo_quartet_equals_lm_eval_on_its_merge(family, manager, tmp_path)
         for task, key in (("tiny_ppl", "bits_per_byte,none"), ("tiny_ll", "perplexity,none")):
             assert got[task][key] == pytest.approx(expected[task][key], rel=1e-6), (row["label"], key)
     assert "tiny_ppl" in result.stdout
+
+
+def test_the_whole_model_path_gives_the_same_answers(family):
+    """--whole-model (the path of families not streamed): the same results as the
+    layer-by-layer pass, reading the inputs once per batch instead."""
+    ws, reports, _merges, _inputs = family
+    result = ladder(ws.root / "chain.yml", "--task", "tiny_mc", "--task", "tiny_ll", "--include-path",
+                    ws.root / "tasks", "--limit", "5", "--num-fewshot", "2", "--t", TS[0], "--whole-model",
+                    "--quiet", "--json", ws.root / "whole.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((ws.root / "whole.json").read_text())
+    assert report["path"] == "whole model: --whole-model"
+    for row, other in zip(report["rungs"], reports["few"]["rungs"]):
+        assert row["tasks"]["tiny_mc"] == other["tasks"]["tiny_mc"]
+        assert row["tasks"]["tiny_ll"]["acc,none"] == other["tasks"]["tiny_ll"]["acc,none"]
+        assert row["tasks"]["tiny_ll"]["perplexity,none"] == pytest.approx(
+            other["tasks"]["tiny_ll"]["perplexity,none"], rel=1e-6)
