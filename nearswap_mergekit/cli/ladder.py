@@ -226,8 +226,14 @@ def ladder(recipe, texts, task_names, include_path, limit, num_fewshot, ts, targ
     as the forward reaches it. The scoring rule: python -m pydoc
     nearswap_mergekit.ladder.scoring.
 
+    --task runs lm-evaluation-harness tasks (log-likelihood ones: multiple choice,
+    perplexity) on every rung in the same pass: lm-eval records the requests, the
+    ladder scores them as lm-eval's hf backend would, and lm-eval computes each
+    rung's results from those answers (docs/lm-eval.md).
+
     \b
     nearswap-mergekit ladder quartet.yml --text notes.txt --target-swap 0.8% --target-swap 10% --t 0.0025
+    nearswap-mergekit ladder quartet.yml --task arc_easy --num-fewshot 5 --limit 200 --t 0.0001 --t 0.001
     """
     hide_progress_bars(quiet)
     from nearswap_mergekit.ladder import engine, scoring
