@@ -7,6 +7,7 @@ with --num-fewshot 2 --limit 5; all requests and rungs in one read of the inputs
 Bad input: one line, exit 2, nothing written, no weight read."""
 
 import json
+import os
 import random
 import sys
 
@@ -87,10 +88,15 @@ def write_tasks(folder):
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **config}, sort_keys=False))
 
 
+def invoke(args, **kwargs):
+    """The command in this process (lm-eval imported once for the module); --quiet's
+    TQDM_DISABLE is put back as it was afterwards (CliRunner restores what `env` names)."""
+    return CliRunner().invoke(main, [*map(str, args)], env={"TQDM_DISABLE": os.environ.get("TQDM_DISABLE")},
+                              **kwargs)
+
+
 def ladder(*args):
-    """The command in this process (lm-eval imported once for the module)."""
-    result = CliRunner().invoke(main, ["ladder", *map(str, args)], catch_exceptions=False)
-    return result
+    return invoke(["ladder", *args], catch_exceptions=False)
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +225,7 @@ def no_reads(monkeypatch):
 def test_bad_input_is_one_line_and_exit_2_before_any_read(family, no_reads, args, message):
     ws = family[0]
     extra = ["--include-path", str(ws.root / "tasks")] if "--task" in args else []
-    result = CliRunner().invoke(main, ["ladder", str(ws.root / "chain.yml"), *args, *extra, "--json",
-                                       str(ws.root / "bad.json")])
+    result = invoke(["ladder", ws.root / "chain.yml", *args, *extra, "--json", ws.root / "bad.json"])
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines() == [f"Error: {message}"]
     assert not (ws.root / "bad.json").exists()
@@ -229,7 +234,7 @@ def test_bad_input_is_one_line_and_exit_2_before_any_read(family, no_reads, args
 def test_without_lm_eval_the_extra_is_named(family, no_reads, monkeypatch):
     ws = family[0]
     monkeypatch.setitem(sys.modules, "lm_eval", None)
-    result = CliRunner().invoke(main, ["ladder", str(ws.root / "chain.yml"), "--task", "tiny_mc"])
+    result = invoke(["ladder", ws.root / "chain.yml", "--task", "tiny_mc"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines() == [
         "Error: --task needs lm-evaluation-harness (lm-eval), which is not installed here: "
