@@ -152,6 +152,15 @@ def _task_table(report: dict) -> list:
     return lines
 
 
+def _recipe_metrics(results) -> list:
+    """The task metrics a rung's recipe header names: acc, acc_norm, bits per byte."""
+    if not results:
+        return []
+    from nearswap_mergekit.ladder import tasks
+
+    return [m for m in tasks.main_metrics(results) if m[1].partition(",")[0] in ("acc", "acc_norm", "bits_per_byte")]
+
+
 def _rung_recipe_name(recipe: str, label: str) -> str:
     slug = label.replace("=", "").replace("%", "pct").replace(" ", "")
     return f"{Path(recipe).stem}-{slug}.yml"
@@ -320,8 +329,10 @@ def ladder(recipe, texts, task_names, include_path, limit, num_fewshot, ts, targ
         Path(recipes_dir).mkdir(parents=True, exist_ok=True)
         for rung, row in zip(rungs, report["rungs"][1:]):
             path = str(Path(recipes_dir) / _rung_recipe_name(recipe, rung.label))
-            scores = "; ".join(f"{Path(s['path']).name}: {s['bits_per_byte']:.5f} bits/byte, KL "
-                               f"{s['kl_from_base']:.3e}" for s in row["texts"])
+            scores = "; ".join([f"{Path(s['path']).name}: {s['bits_per_byte']:.5f} bits/byte, KL "
+                                f"{s['kl_from_base']:.3e}" for s in row["texts"]]
+                               + [f"{task} {key}: {row['tasks'][task][key]:.4f}"
+                                  for task, key, _ in _recipe_metrics(row.get("tasks"))])
             header = (f"{recipe} with one global t = {rung.t:.6g}: the rung {rung.label!r} of "
                       f"nearswap-mergekit ladder\n{scores}")
             with rewriting():

@@ -8,6 +8,8 @@ the pass runs through the stage, `--batch` windows at a time, row by row, and th
 stage's merged weights are let go before the next stage is read. Hidden states
 wait between stages, per row, on the execution device. A tied head's weight is
 the embedding's: merged once in the embedding stage and held until the head.
+lm-eval's requests (requests.py) are windows too, batched apart from the texts'
+and answered at the head.
 """
 
 from __future__ import annotations
