@@ -16,9 +16,10 @@ MERGEKITTY=mergekitty==0.3.1.post2
 sources=(pyproject.toml scripts/setup.sh nearswap_mergekit_hook.*)
 # EXTRAS: this package's extras. Only the 0.1.5 environment has `gpu` (Triton, whose
 # interpreter runs tests/test_triton.py on the CPU): the tests that use no mergekit
-# run in that suite alone.
+# run in that suite alone. It alone has `eval` too (lm-eval, for `ladder --task`):
+# the other suites stay lean, and those tests skip where lm-eval is not installed.
 case "$MERGEKIT_VERSION" in
-    0.1.5) VENV=.venv; EXTRA=(); EXTRAS=test,plot,gpu ;;
+    0.1.5) VENV=.venv; EXTRA=(); EXTRAS=test,plot,gpu,eval ;;
     # mergekit 0.1.4 needs transformers 4.x
     0.1.4) VENV=.venv-mergekit-0.1.4; EXTRA=("transformers<5"); EXTRAS=test,plot ;;
     main) VENV=.venv-mergekit-main; sources+=("$MERGEKIT_MAIN") ;;
@@ -69,6 +70,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     "$VENV/bin/python" -m pip install -q hatchling
     case "$MERGEKIT_VERSION" in
         0.1.4 | 0.1.5)
+            # torch is already here, pinned: lm-eval's own torch requirement is met by it.
             "$VENV/bin/python" -m pip install -q -e ".[$EXTRAS]" "mergekit==$MERGEKIT_VERSION" "${EXTRA[@]}"
             ;;
         main)

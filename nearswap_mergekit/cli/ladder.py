@@ -73,6 +73,8 @@ def _ladder_table(report: dict) -> list:
                 f"{scores['bits_per_byte']:>9.5f}  {scores['kl_from_base']:>12.3e}  "
                 f"{100 * scores['top1_agreement']:>10.2f}%"
             )
+    if "task_settings" in report:
+        lines += _task_table(report)
     lines.append("")
     lines.append(
         f"full swap: % of weights fully swapped per pass (mean over stages); "
@@ -87,6 +89,78 @@ def _ladder_table(report: dict) -> list:
     return lines
 
 
+def _task_request(names, include_path, limit, num_fewshot):
+    """The --task flags, checked (lm-eval installed, --limit); None without --task."""
+    if not names:
+        given = [flag for flag, value in (("--include-path", include_path), ("--limit", limit),
+                                          ("--num-fewshot", num_fewshot)) if value is not None]
+        if given:
+            raise BadInput(f"{given[0]} is for --task: give --task NAME too")
+        return None
+    from nearswap_mergekit.ladder import tasks
+
+    try:
+        tasks.require_lm_eval()
+        limit = tasks.check_limit(limit)
+    except tasks.TaskError as error:
+        raise BadInput(str(error)) from None
+    return tasks.TaskRequest(list(dict.fromkeys(names)), include_path, limit, num_fewshot)
+
+
+def _replay_tasks(report: dict, request_set, task_request, manager) -> None:
+    """Each row's lm-eval results (tasks.replay), under rungs[i]["tasks"]."""
+    from nearswap_mergekit.ladder import tasks
+
+    scores = report.pop("request_scores")
+    for row, scored in zip(report["rungs"], scores):
+        row["tasks"] = tasks.replay(task_request, manager, request_set.answers(scored))
+    report["task_settings"] = {"tasks": list(task_request.names), "include_path": task_request.include_path,
+                               "limit": task_request.limit, "num_fewshot": task_request.num_fewshot}
+
+
+def _task_table(report: dict) -> list:
+    """Each task's metrics per rung, with their stderr where lm-eval gives one."""
+    from nearswap_mergekit.ladder import tasks
+
+    rows = report["rungs"]
+    width = max(14, *(len(rung["label"]) for rung in rows))
+    settings = report["task_settings"]
+    lines = ["", f"lm-eval tasks ({report['requests']['loglikelihood']:,} loglikelihood and "
+             f"{report['requests']['loglikelihood_rolling']:,} rolling requests, "
+             f"{report['requests']['windows']:,} windows, model length {report['requests']['max_length']}; "
+             f"num_fewshot {settings['num_fewshot'] if settings['num_fewshot'] is not None else 'default'}, "
+             f"limit {settings['limit'] if settings['limit'] is not None else 'none'})"]
+    by_task: dict = {}
+    for task, key, stderr in tasks.main_metrics(rows[0]["tasks"]):
+        by_task.setdefault(task, []).append((key, stderr))
+    for task, metrics in by_task.items():
+        header = "".join(f"  {key:>24}" for key, _ in metrics)
+        lines += [f"{task}", f"{'rung':<{width}}  {'t':>9}  {'full swap':>9}{header}"]
+        for rung in rows:
+            swap = rung["full_swap"]
+            swap_text = f"{100 * sum(swap) / len(swap):8.3f}%" if swap else f"{'':>9}"
+            t_text = f"{rung['t']:>9.3g}" if rung["t"] is not None else f"{'':>9}"
+            values = rung["tasks"].get(task, {})
+            cells = ""
+            for key, stderr in metrics:
+                value, error = values.get(key), values.get(stderr)
+                text = f"{value:.4f}" if isinstance(value, (int, float)) else str(value)
+                if isinstance(error, (int, float)):
+                    text += f" ± {error:.4f}"
+                cells += f"  {text:>24}"
+            lines.append(f"{rung['label']:<{width}}  {t_text}  {swap_text}{cells}")
+    return lines
+
+
+def _recipe_metrics(results) -> list:
+    """The task metrics a rung's recipe header names: acc, acc_norm, bits per byte."""
+    if not results:
+        return []
+    from nearswap_mergekit.ladder import tasks
+
+    return [m for m in tasks.main_metrics(results) if m[1].partition(",")[0] in ("acc", "acc_norm", "bits_per_byte")]
+
+
 def _rung_recipe_name(recipe: str, label: str) -> str:
     slug = label.replace("=", "").replace("%", "pct").replace(" ", "")
     return f"{Path(recipe).stem}-{slug}.yml"
@@ -94,8 +168,18 @@ def _rung_recipe_name(recipe: str, label: str) -> str:
 
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--text", "texts", multiple=True, required=True, metavar="FILE",
+@click.option("--text", "texts", multiple=True, metavar="FILE",
               help="A UTF-8 text file to score every rung on; repeat for several.")
+@click.option("--task", "task_names", multiple=True, metavar="NAME",
+              help="An lm-evaluation-harness task, group or tag to run on every rung (its "
+              "log-likelihood requests, scored in the same pass as the texts); repeat. Needs "
+              "nearswap-mergekit[eval].")
+@click.option("--include-path", type=click.Path(exists=True, file_okay=False), metavar="DIR",
+              help="A folder of your own lm-eval task YAML files (as lm_eval --include_path).")
+@click.option("--limit", type=float, metavar="N",
+              help="Documents per --task (as lm_eval --limit: a count, or a share below 1).")
+@click.option("--num-fewshot", type=click.IntRange(min=0), metavar="K",
+              help="Few-shot examples per --task document (as lm_eval --num_fewshot).")
 @click.option("--t", "ts", multiple=True, metavar="T", callback=check_ts,
               help="A rung with this t for every stage (as `stats --t`); repeat for a ladder.")
 @click.option("--target-swap", "targets", multiple=True, metavar="FRACTION", callback=check_target_swap,
@@ -137,7 +221,7 @@ def _rung_recipe_name(recipe: str, label: str) -> str:
               "weight once per batch): the engine of earlier versions, for comparison.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @planning_options
-def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_path, plot_path,
+def ladder(recipe, texts, task_names, include_path, limit, num_fewshot, ts, targets, context, batch, eval_dtype, device, json_path, plot_path,
            recipes_dir, prompts, max_new_tokens, with_inputs, memory_budget, whole_model, quiet, **flags):
     """Score a ladder of t on your own text, and write no model: per rung, the
     perplexity and bits per byte of each --text, the KL from the base and top-1
@@ -151,8 +235,14 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     as the forward reaches it. The scoring rule: python -m pydoc
     nearswap_mergekit.ladder.scoring.
 
+    --task runs lm-evaluation-harness tasks (log-likelihood ones: multiple choice,
+    perplexity) on every rung in the same pass: lm-eval records the requests, the
+    ladder scores them as lm-eval's hf backend would, and lm-eval computes each
+    rung's results from those answers (docs/lm-eval.md).
+
     \b
     nearswap-mergekit ladder quartet.yml --text notes.txt --target-swap 0.8% --target-swap 10% --t 0.0025
+    nearswap-mergekit ladder quartet.yml --task arc_easy --num-fewshot 5 --limit 200 --t 0.0001 --t 0.001
     """
     hide_progress_bars(quiet)
     from nearswap_mergekit.ladder import engine, scoring
@@ -161,7 +251,11 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     from nearswap_mergekit.ladder.rungs import LadderError
     from nearswap_mergekit.tools import recipewriter
 
-    try:  # bad input first: nothing is planned, read or written before these pass
+    # bad input first: nothing is planned, read or written before these pass
+    task_request = _task_request(task_names, include_path, limit, num_fewshot)
+    if not texts and not task_names:
+        raise BadInput("nothing to score: give --text FILE or --task NAME (or both)")
+    try:
         contents = [scoring.read_text(path) for path in texts]
     except scoring.TextError as error:
         raise BadInput(str(error)) from None
@@ -188,10 +282,21 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
     plan = load_plan(recipe, flags)
     if not plan.jobs:
         raise click.ClickException(f"{recipe}: no tensor has both a base and a secondary")
+    manager = records = None
+    if task_request is not None:  # lm-eval's requests, recorded before any weight is read
+        from nearswap_mergekit.ladder import tasks
+
+        try:
+            manager = tasks.task_manager(task_request)
+            tasks.load_tasks(task_request, manager)
+            records = tasks.record(task_request, manager)
+        except tasks.TaskError as error:
+            raise BadInput(str(error)) from None
     request = ladder_setup.Request(
         texts=texts, contents=contents, ts=ts, targets=targets, context=context, batch=batch,
         eval_dtype=eval_dtype, device=device, prompts=prompts, max_new_tokens=max_new_tokens,
         with_inputs=with_inputs, progress=not quiet, memory_budget=memory_budget, whole_model=whole_model,
+        records=records,
     )
     problem = None
     with reading(recipe):
@@ -207,6 +312,8 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
         raise BadInput(str(error)) from None
     except Exception as error:  # unreadable inputs, out of memory, a model transformers cannot run
         raise click.ClickException(f"ladder on {recipe} failed: {type(error).__name__}: {error}") from None
+    if task_request is not None:
+        _replay_tasks(report, setup.requests, task_request, manager)
     for line in _ladder_table(report):
         click.echo(line)
     for rung in report["rungs"] if prompts else ():
@@ -222,8 +329,10 @@ def ladder(recipe, texts, ts, targets, context, batch, eval_dtype, device, json_
         Path(recipes_dir).mkdir(parents=True, exist_ok=True)
         for rung, row in zip(rungs, report["rungs"][1:]):
             path = str(Path(recipes_dir) / _rung_recipe_name(recipe, rung.label))
-            scores = "; ".join(f"{Path(s['path']).name}: {s['bits_per_byte']:.5f} bits/byte, KL "
-                               f"{s['kl_from_base']:.3e}" for s in row["texts"])
+            scores = "; ".join([f"{Path(s['path']).name}: {s['bits_per_byte']:.5f} bits/byte, KL "
+                                f"{s['kl_from_base']:.3e}" for s in row["texts"]]
+                               + [f"{task} {key}: {row['tasks'][task][key]:.4f}"
+                                  for task, key, _ in _recipe_metrics(row.get("tasks"))])
             header = (f"{recipe} with one global t = {rung.t:.6g}: the rung {rung.label!r} of "
                       f"nearswap-mergekit ladder\n{scores}")
             with rewriting():

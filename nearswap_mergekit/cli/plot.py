@@ -89,7 +89,9 @@ def plot_calibration(result: dict, curves: List[dict], path: str) -> None:
 
 def plot_ladder(report: dict, path: str) -> None:
     """PNG: bits per byte per text, and KL from the base, against the % of weights
-    fully swapped per pass (mean over stages); the base as a dotted line."""
+    fully swapped per pass (mean over stages); the base as a dotted line. With
+    --task, a row of panels below: each task's metrics (error bars: lm-eval's
+    stderr) against the same axis."""
     from pathlib import Path
 
     import matplotlib.ticker
@@ -98,8 +100,20 @@ def plot_ladder(report: dict, path: str) -> None:
     base, *rungs = report["rungs"]
     rungs = sorted((r for r in rungs if r["full_swap"]), key=lambda r: sum(r["full_swap"]))
     swapped = [100 * sum(r["full_swap"]) / len(r["full_swap"]) for r in rungs]
-    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for index, text in enumerate(report["texts"]):
+    task_names = list(base.get("tasks", {}))
+    texts = bool(report["texts"]) or not task_names
+    columns = max(2 if texts else 1, len(task_names))
+    rows = int(texts) + bool(task_names)
+    figure, axes = plt.subplots(rows, columns, figsize=(6 * columns, 4.5 * rows), squeeze=False)
+    left, right = (axes[0][0], axes[0][1]) if texts else (None, None)
+    for axis in axes[0][2:] if texts else ():
+        axis.set_visible(False)
+    task_axes = list(axes[-1]) if task_names else []
+    for axis, task in zip(task_axes, task_names):
+        _plot_task(axis, task, base, rungs, swapped)
+    for axis in task_axes[len(task_names):]:
+        axis.set_visible(False)
+    for index, text in enumerate(report["texts"] if texts else ()):
         name = Path(text["path"]).name
         bits = [r["texts"][index]["bits_per_byte"] for r in rungs]
         (line,) = left.plot(swapped, bits, marker="o", label=name)
@@ -112,8 +126,11 @@ def plot_ladder(report: dict, path: str) -> None:
                 for axis, y in ((left, y_bits), (right, y_kl)):
                     axis.annotate(rung["label"], (x, y), textcoords="offset points", xytext=(4, 4),
                                   fontsize=7, color="grey")
-    right.axhline(0.0, color="grey", linestyle=":", linewidth=1.2, label="base")
-    for axis in (left, right):
+    if texts:
+        right.axhline(0.0, color="grey", linestyle=":", linewidth=1.2, label="base")
+        left.set(ylabel="bits per byte", title="Bits per byte against full swap")
+        right.set(ylabel="KL(base || rung) per token, nats", title="KL from the base")
+    for axis in [left, right] * texts + task_axes[: len(task_names)]:
         if swapped and min(swapped) > 0:
             axis.set_xscale("log")
             axis.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
@@ -121,6 +138,22 @@ def plot_ladder(report: dict, path: str) -> None:
             axis.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         axis.set_xlabel("% fully swapped per pass (mean over stages)")
         axis.legend(fontsize=8)
-    left.set(ylabel="bits per byte", title="Bits per byte against full swap")
-    right.set(ylabel="KL(base || rung) per token, nats", title="KL from the base")
     _save(figure, path)
+
+
+def _plot_task(axis, task: str, base: dict, rungs: List[dict], swapped: List[float]) -> None:
+    """One task's main metrics per rung (lm-eval's stderr as error bars), the base
+    dotted: acc and acc_norm where it has them, else bits per byte, else its first."""
+    found = [key for key, value in base["tasks"][task].items()
+             if "," in key and "_stderr," not in key and isinstance(value, (int, float))]
+    chosen = ([k for k in found if k.partition(",")[0] in ("acc", "acc_norm")]
+              or [k for k in found if k.partition(",")[0] == "bits_per_byte"] or found[:1])
+    for key in chosen:
+        value = base["tasks"][task][key]
+        metric, _, filt = key.partition(",")
+        values = [r["tasks"][task].get(key) for r in rungs]
+        errors = [r["tasks"][task].get(f"{metric}_stderr,{filt}") for r in rungs]
+        errors = errors if all(isinstance(e, (int, float)) for e in errors) else None
+        line = axis.errorbar(swapped, values, yerr=errors, marker="o", capsize=3, label=key)
+        axis.axhline(value, color=line[0].get_color(), linestyle=":", linewidth=1.2, label=f"{key}: base")
+    axis.set(ylabel=task, title=f"{task} (lm-eval) against full swap")

@@ -29,7 +29,7 @@ from typing import List, Optional, Sequence
 import torch
 from tqdm import tqdm
 
-from nearswap_mergekit.ladder import scoring
+from nearswap_mergekit.ladder import requests, scoring
 from nearswap_mergekit.ladder.output import OutputModel
 from nearswap_mergekit.ladder.rungs import Rung, SwapCounts, base_rung
 from nearswap_mergekit.ladder.weights import (
@@ -66,6 +66,13 @@ class LadderRun:
     whole_model: Optional[str] = None
     #: Bytes of input files read to calibrate --target-swap, before any scoring.
     bytes_read_calibration: int = 0
+    #: lm-eval's recorded requests and their windows (requests.RequestSet), or None.
+    requests: Optional[object] = None
+
+    @property
+    def windows(self) -> list:
+        """Every window to score: the texts', then the requests'."""
+        return list(self.texts.windows) + (list(self.requests.windows) if self.requests else [])
 
 
 def run(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
@@ -109,11 +116,12 @@ def _hooked_models(setup: LadderRun, parties, merged, counts=None):
 def _run_whole(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
     """The whole model per batch: every weight's inputs read once per batch, shared
     by the rows' forwards, which run in lockstep threads."""
+    from nearswap_mergekit.ladder import layers
 
     started = time.perf_counter()
     parties = [base_rung(), *rungs]
     counts = SwapCounts(rungs, max(len(job.stages) for job in setup.jobs))
-    groups = scoring.batches(setup.texts.windows, setup.batch)
+    groups = scoring.batches(setup.windows, setup.batch)
     bar_lock = threading.Lock()
 
     def merged() -> None:
@@ -124,6 +132,7 @@ def _run_whole(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
     bar = tqdm(total=len(groups) * len(parties) * len(maps[0]), unit="tensors", desc="merging",
                disable=not setup.progress)
     scores = [[scoring.Score() for _ in setup.texts.paths] for _ in parties]
+    answers = [{} for _ in parties]  # per row: request window -> answer
     with ThreadPoolExecutor(max_workers=len(parties), thread_name_prefix="nearswap-rung") as pool:
         for group in groups:
             ids = scoring.input_ids(group, setup.device)
@@ -131,10 +140,13 @@ def _run_whole(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
             for weights in maps:
                 weights.source = source
 
-            def forward(model, source=source, ids=ids):
+            for_requests = isinstance(group[0], requests.RequestWindow)
+
+            def forward(model, source=source, ids=ids, for_requests=for_requests):
                 try:
                     with torch.inference_mode():
-                        return scoring.log_probs(model(input_ids=ids, use_cache=False).logits)
+                        logits = model(input_ids=ids, use_cache=False).logits
+                        return logits if for_requests else scoring.log_probs(logits)
                 except BaseException as error:
                     source.fail(error)
                     raise
@@ -149,6 +161,10 @@ def _run_whole(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
             failures = [o for o in outcomes if isinstance(o, BaseException)]
             if failures:
                 raise next((f for f in failures if not isinstance(f, Aborted)), failures[0])
+            if for_requests:
+                for row, logits in zip(answers, outcomes):
+                    requests.add_batch(row, group, logits)
+                continue
             base_logp = outcomes[0]
             scoring.add_batch(scores[0], group, base_logp)
             for index in range(1, len(parties)):
@@ -173,7 +189,7 @@ def _run_whole(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
         if continuations is not None:
             row["continuations"] = continuations[index]
         report_rungs.append(row)
-    return {
+    report = {
         "recipe": setup.recipe,
         "context": setup.context,
         "batches": len(groups),
@@ -190,6 +206,8 @@ def _run_whole(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
         "bytes_read_prompts": reader.bytes_read - bytes_scoring - bytes_counting,
         "wall_seconds": time.perf_counter() - started,
     }
+    layers.add_request_scores(report, setup, answers)
+    return report
 
 
 def _continue_prompts(setup: LadderRun, parties, models, maps, reader) -> List[List[dict]]:

@@ -8,6 +8,8 @@ the pass runs through the stage, `--batch` windows at a time, row by row, and th
 stage's merged weights are let go before the next stage is read. Hidden states
 wait between stages, per row, on the execution device. A tied head's weight is
 the embedding's: merged once in the embedding stage and held until the head.
+lm-eval's requests (requests.py) are windows too, batched apart from the texts'
+and answered at the head.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Dict, List, Sequence
 import torch
 from tqdm import tqdm
 
-from nearswap_mergekit.ladder import families, passes, scoring
+from nearswap_mergekit.ladder import families, passes, requests, scoring
 from nearswap_mergekit.ladder.rungs import Rung, SwapCounts, base_rung
 from nearswap_mergekit.ladder.weights import (
     InputReader,
@@ -71,9 +73,9 @@ def run(setup, rungs: Sequence[Rung], budget: int) -> dict:
     reader = InputReader(setup.jobs, setup.config, names, setup.device, counts)
     held = MergedHoldings()
     hidden_size = template.config.hidden_size
-    plan = passes.plan_passes(setup.texts.windows, setup.batch, len(parties), hidden_size,
-                              setup.eval_dtype, budget)
+    plan = passes.plan_passes(setup.windows, setup.batch, len(parties), hidden_size, setup.eval_dtype, budget)
     scores = [[scoring.Score() for _ in setup.texts.paths] for _ in parties]
+    answers: List[Dict[int, tuple]] = [{} for _ in parties]  # per row: request window -> answer
     stage_list = families.stages(template)
     bar = tqdm(total=len(plan) * len(stage_list), unit="stages", desc="streaming", disable=not setup.progress)
     batches = 0
@@ -95,7 +97,7 @@ def run(setup, rungs: Sequence[Rung], budget: int) -> dict:
                     tied[tied_name] = [model.model.embed_tokens.weight for model in models]
                 for index, group in enumerate(groups):
                     if stage == families.HEAD:
-                        _score_batch(models, hidden, index, group, scores)
+                        _score_batch(models, hidden, index, group, scores, answers)
                         continue
                     ids = scoring.input_ids(group, setup.device) if stage == families.EMBEDDING else None
                     for row, model in enumerate(models):
@@ -121,7 +123,7 @@ def run(setup, rungs: Sequence[Rung], budget: int) -> dict:
         }
         for party, per_text in zip(parties, scores)
     ]
-    return {
+    report = {
         "recipe": setup.recipe,
         "context": setup.context,
         "path": "layers",
@@ -139,11 +141,28 @@ def run(setup, rungs: Sequence[Rung], budget: int) -> dict:
         "bytes_read_prompts": 0,
         "wall_seconds": time.perf_counter() - started,
     }
+    add_request_scores(report, setup, answers)
+    return report
 
 
-def _score_batch(models, hidden, index: int, group, scores) -> None:
+def add_request_scores(report: dict, setup, answers: List[Dict[int, tuple]]) -> None:
+    """The requests' description, and each row's answer per request window under
+    `request_scores` (for tasks.replay; not JSON: the command takes it out)."""
+    if setup.requests is not None:
+        report["requests"] = setup.requests.describe()
+        count = len(setup.requests.windows)
+        report["request_scores"] = [[row[i] for i in range(count)] for row in answers]
+
+
+def _score_batch(models, hidden, index: int, group, scores, answers) -> None:
     """The head on one batch, the base row first (its log-probabilities are every
-    rung's reference), each row's hidden states let go once scored."""
+    rung's reference), each row's hidden states let go once scored. A batch of
+    request windows: each row's answers (requests.add_batch)."""
+    if isinstance(group[0], requests.RequestWindow):
+        for row, model in enumerate(models):
+            requests.add_batch(answers[row], group, families.run_stage(model, families.HEAD, hidden[row][index]))
+            hidden[row][index] = None
+        return
     base_logp = scoring.log_probs(families.run_stage(models[0], families.HEAD, hidden[0][index]))
     scoring.add_batch(scores[0], group, base_logp)
     hidden[0][index] = None

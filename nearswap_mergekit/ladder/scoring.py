@@ -93,11 +93,11 @@ def windows(ids: Sequence[int], context: int, bos: Optional[int], text: int = 0)
 
 
 def batches(all_windows: Sequence[Window], batch: Optional[int] = None) -> List[List[Window]]:
-    """Windows grouped by length (no padding), in order, at most `batch` per group
-    (None: all of one length in one group)."""
-    by_length: Dict[int, List[Window]] = {}
-    for window in all_windows:
-        by_length.setdefault(len(window.ids), []).append(window)
+    """Windows grouped by kind and length (no padding), in order, at most `batch`
+    per group (None: all of one kind and length in one group)."""
+    by_length: Dict[tuple, List[Window]] = {}
+    for window in all_windows:  # a text's windows and a request's (requests.py) apart
+        by_length.setdefault((type(window), len(window.ids)), []).append(window)
     groups = []
     for members in by_length.values():
         size = batch or len(members)

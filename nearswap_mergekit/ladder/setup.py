@@ -49,6 +49,8 @@ class Request:
     memory_budget: Optional[int] = None
     #: Run the whole model per batch, as the ladder did before it was streamed.
     whole_model: bool = False
+    #: lm-eval's requests recorded for --task (tasks.record): (type, args) pairs.
+    records: Optional[Sequence[tuple]] = None
 
 
 def prepare(plan: Plan, request: Request) -> Tuple[LadderRun, List[Rung], List[Rung]]:
@@ -68,6 +70,14 @@ def prepare(plan: Plan, request: Request) -> Tuple[LadderRun, List[Rung], List[R
         text_set = scoring.prepare(request.texts, request.contents, output.tokenizer, context)
     except scoring.TextError as error:
         raise LadderError(str(error)) from None
+    request_set = None
+    if request.records is not None:
+        from nearswap_mergekit.ladder import requests
+
+        try:
+            request_set = requests.prepare(request.records, output.config, output.tokenizer)
+        except ValueError as error:
+            raise LadderError(f"--task: {error}") from None
     eval_dtype = request.eval_dtype
     if eval_dtype is None:
         recipe_dtype = plan.config.dtype if plan.config.dtype in EVAL_DTYPES else "float32"
@@ -84,7 +94,7 @@ def prepare(plan: Plan, request: Request) -> Tuple[LadderRun, List[Rung], List[R
         recipe=plan.path, config=plan.config, jobs=jobs, output=output, texts=text_set, context=context,
         batch=request.batch, device=execution, eval_dtype=getattr(torch, eval_dtype), prompts=request.prompts,
         max_new_tokens=request.max_new_tokens, progress=request.progress,
-        bytes_read_calibration=ReadCount.bytes_read - read_before,
+        bytes_read_calibration=ReadCount.bytes_read - read_before, requests=request_set,
     )
     # Every secondary of any tensor's chain, in chain order (slices may give a stage
     # to different models in different layers).
@@ -107,5 +117,5 @@ def _choose_path(setup: LadderRun, request: Request, rows: int) -> None:
         return
     setup.memory_budget = passes.choose_budget(request.memory_budget, setup.device)
     # Too small a budget is bad input: said now, before any weight is read.
-    passes.plan_passes(setup.texts.windows, setup.batch, rows, template.config.hidden_size,
+    passes.plan_passes(setup.windows, setup.batch, rows, template.config.hidden_size,
                        setup.eval_dtype, setup.memory_budget)
