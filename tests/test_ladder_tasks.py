@@ -216,6 +216,8 @@ def no_reads(monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--task", "tiny_mc", "--limit", "0"], "--limit 0: give 1 or more documents per task (or a share between 0 and 1)"),
+    (["--task", "tiny_mc", "--limit", "inf"], "--limit inf: give 1 or more documents per task (or a share between 0 "
+     "and 1)"),
     (["--task", "tiny_gen"], "--task tiny_gen: a generate_until task; the ladder scores log-likelihood tasks only "
      "(generation would read the inputs once per generated token): write that t's recipe with --recipes, "
      "merge it with mergekit-yaml, then run lm_eval on the merge"),
@@ -239,6 +241,21 @@ def test_without_lm_eval_the_extra_is_named(family, no_reads, monkeypatch):
     assert result.output.strip().splitlines() == [
         "Error: --task needs lm-evaluation-harness (lm-eval), which is not installed here: "
         "pip install 'nearswap-mergekit[eval]'"]
+
+
+def test_an_lm_eval_outside_the_extras_pin_is_named(family, no_reads, monkeypatch):
+    """The ladder takes over a private step of lm-eval's hf backend: another version
+    is refused, with the versions the eval extra allows (from this package's metadata)."""
+    import importlib.metadata
+
+    ws = family[0]
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.4.99" if name == "lm-eval" else real(name))
+    result = invoke(["ladder", ws.root / "chain.yml", "--task", "tiny_mc", "--include-path", ws.root / "tasks"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "Error: --task needs lm-eval <0.4.14,>=0.4.13 (the versions it is tested with); this environment has "
+        "lm-eval 0.4.99: pip install 'nearswap-mergekit[eval]'"]
 
 
 def test_unknown_tasks_and_data_sets_not_here(family):

@@ -148,11 +148,12 @@ def window(index: int, context: Sequence[int], continuation: Sequence[int], max_
 
 def add_batch(scored: Dict[int, Tuple[float, bool]], group: Sequence[RequestWindow], logits: torch.Tensor) -> None:
     """One batch's answers, from the model's logits for it: per window, the
-    log-softmax (float32) at the continuation's positions, the sum of the
-    continuation's log-probabilities and whether each is the greedy token."""
+    log-softmax at the continuation's positions, the sum of the continuation's
+    log-probabilities and whether each is the greedy token, all in the logits'
+    dtype, as HFLM computes them (its softmax_dtype left at its default)."""
     for row, item in zip(logits, group):
         length, count = len(item.ids), len(item.targets)
-        logp = torch.log_softmax(row[length - count : length].float(), dim=-1).unsqueeze(0)  # [1, n, vocab]
+        logp = torch.log_softmax(row[length - count : length], dim=-1).unsqueeze(0)  # [1, n, vocab]
         targets = torch.tensor(item.targets, dtype=torch.long, device=logp.device).unsqueeze(0)
         greedy = bool((logp.argmax(dim=-1) == targets).all())
         picked = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)  # [1, n]

@@ -20,8 +20,10 @@ it. Only lm-eval's log-likelihood request types can be answered this way:
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import io
 import logging
+import math
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -35,12 +37,35 @@ class TaskError(ValueError):
 
 
 def require_lm_eval() -> None:
+    """TaskError unless lm-eval is installed, at a version the `eval` extra allows
+    (the ladder takes over a private step of its hf backend)."""
     try:
         import lm_eval  # noqa: F401
         from lm_eval import simple_evaluate  # noqa: F401
     except ImportError:
         raise TaskError(f"--task needs lm-evaluation-harness (lm-eval), which is not installed here: "
                         f"{EXTRA}") from None
+    allowed = _eval_extra_versions()
+    found = importlib.metadata.version("lm-eval")
+    if allowed is not None and not allowed.contains(found, prereleases=True):
+        raise TaskError(f"--task needs lm-eval {allowed} (the versions it is tested with); this environment "
+                        f"has lm-eval {found}: {EXTRA}")
+
+
+def _eval_extra_versions():
+    """The lm-eval versions this package's `eval` extra pins (its metadata: one
+    definition, in pyproject.toml); None where the metadata does not say."""
+    from packaging.requirements import Requirement
+
+    try:
+        lines = importlib.metadata.requires("nearswap-mergekit") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for line in lines:
+        requirement = Requirement(line)
+        if requirement.name == "lm-eval" and requirement.marker and requirement.marker.evaluate({"extra": "eval"}):
+            return requirement.specifier
+    return None
 
 
 @dataclass
@@ -58,7 +83,7 @@ def check_limit(limit: Optional[float]) -> Optional[Union[int, float]]:
     more) or a share of them (more than 0, less than 1)."""
     if limit is None:
         return None
-    if not limit > 0:
+    if not (limit > 0 and math.isfinite(limit)):
         raise TaskError(f"--limit {limit:g}: give 1 or more documents per task (or a share between 0 and 1)")
     if limit >= 1:
         if limit != int(limit):
@@ -80,18 +105,20 @@ def _quiet_lm_eval():
 
     import datasets.utils.logging as datasets_logging
 
-    loggers = [logging.getLogger(name) for name in ("lm_eval", "datasets")]
+    # huggingface_hub's: its retries of an unreachable Hub, before a one-line error.
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "datasets", "huggingface_hub")]
     levels = [logger.level for logger in loggers]
     for logger in loggers:
         logger.setLevel(logging.ERROR)
     bars = datasets_logging.is_progress_bar_enabled()
     datasets_logging.disable_progress_bar()  # a bar per split built: noise before a one-line error
     try:
-        # lm-eval's own bars (building each task's requests) go to a buffer: drawn
-        # on the terminal they would come before a one-line error.
+        # lm-eval's own bars (building each task's requests) and its prints
+        # ("bootstrapping for stddev") go to buffers: drawn on the terminal they
+        # would come before a one-line error, or above the table.
         with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None), \
                 mock.patch.object(lm_eval.evaluator, "add_env_info", lambda _results: None), \
-                contextlib.redirect_stderr(io.StringIO()):
+                contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         for logger, level in zip(loggers, levels):
@@ -110,7 +137,7 @@ def task_manager(request: TaskRequest):
     with _quiet_lm_eval():
         if request.include_path:
             local = TaskManager(include_path=request.include_path, include_defaults=False)
-            if set(local.match_tasks(list(request.names))) >= set(request.names):
+            if set(local.match_tasks(list(request.names))) >= set(request.names) and _loads(local, request):
                 return local
         manager = TaskManager(include_path=request.include_path)
     found = set(manager.match_tasks(list(request.names)))
@@ -118,6 +145,16 @@ def task_manager(request: TaskRequest):
         if name not in found:
             raise TaskError(_unknown(name, manager, request.include_path))
     return manager
+
+
+def _loads(manager, request: TaskRequest) -> bool:
+    """Whether `manager` builds every task asked for (a local group may name one of
+    lm-eval's own tasks, which only the full index has)."""
+    try:
+        manager.load(list(request.names))
+    except Exception:
+        return False
+    return True
 
 
 def _unknown(name: str, manager, include_path: Optional[str]) -> str:
@@ -209,12 +246,12 @@ def _lm_class():
     return Recording, Replaying
 
 
-def _evaluate(model, request: TaskRequest, manager) -> dict:
+def _evaluate(model, request: TaskRequest, manager, **options) -> dict:
     from lm_eval import simple_evaluate
 
     with _quiet_lm_eval():
         return simple_evaluate(model=model, tasks=list(request.names), num_fewshot=request.num_fewshot,
-                               limit=request.limit, task_manager=manager, log_samples=False)
+                               limit=request.limit, task_manager=manager, log_samples=False, **options)
 
 
 def record(request: TaskRequest, manager) -> List[Tuple[str, tuple]]:
@@ -222,7 +259,8 @@ def record(request: TaskRequest, manager) -> List[Tuple[str, tuple]]:
     each once."""
     recording, _ = _lm_class()
     model = recording()
-    _evaluate(model, request, manager)
+    # Its metrics are of zeros and thrown away: no bootstrap for their stderr.
+    _evaluate(model, request, manager, bootstrap_iters=0)
     return list(dict.fromkeys(model.records))
 
 
