@@ -112,7 +112,7 @@ def summarize(report: Dict) -> Dict:
     naive = report["naive"]
     forwards = sum(r["forward_s"] for r in naive["rungs"])
     one_read = inputs / 1e9 / report["raw_read_gb_s"]
-    out = {"forward_s": forwards, "one_read_s": one_read, "floor_s": forwards + one_read}
+    out = {"forward_s": forwards, "one_read_s": one_read, "one_read_plus_forwards_s": forwards + one_read}
     for key in ("streamed", "whole_model"):
         run = report[key]
         phases = run["phases"]
@@ -123,7 +123,7 @@ def summarize(report: Dict) -> Dict:
             "device_read_per_pass": device_reads(run) / inputs / run["json"].get("passes", 1),
             "bytes_read_over_inputs": run["json"]["bytes_read"] / inputs,
             "forward_share": forwards / phases["read + merge + forward"]["s"],
-            "over_floor": phases["read + merge + forward"]["s"] / (forwards + one_read),
+            "over_one_read_plus_forwards": phases["read + merge + forward"]["s"] / (forwards + one_read),
             "nll_relative_difference": max(abs(run["nll"][label] - row["nll"]) / abs(row["nll"])
                                            for label, row in zip(run["nll"], naive["rungs"])),
             "peak_anon_bytes": max(run["peak_anon_bytes"].values()),
@@ -200,8 +200,8 @@ def markdown(report: Dict) -> str:
         f"{report['whole_model']['json']['batches']} | {len(CARD_TS)} merges |",
         f"| forwards' share of the run | {s['streamed']['forward_share']:.0%} | "
         f"{s['whole_model']['forward_share']:.0%} | {s['naive']['forward_share']:.0%} |",
-        f"| run / (one read + forwards) | {s['streamed']['over_floor']:.2f} | "
-        f"{s['whole_model']['over_floor']:.2f} | |",
+        f"| run / (one read + forwards) | {s['streamed']['over_one_read_plus_forwards']:.2f} | "
+        f"{s['whole_model']['over_one_read_plus_forwards']:.2f} | |",
         f"| peak anonymous memory, GiB | {s['streamed']['peak_anon_bytes'] / GIB:.2f} | "
         f"{s['whole_model']['peak_anon_bytes'] / GIB:.2f} | {s['naive']['peak_anon_bytes'] / GIB:.2f} |",
         f"| NLL, largest relative difference from the naive route | "
@@ -286,7 +286,8 @@ def main(hidden, intermediate, layers, windows, context, limit_gib, timeout, wor
     report["summary"] = summarize(report)
     s = report["summary"]["streamed"]
     report["goals"] = goal_rows([
-        ("streamed: run / (one read of the inputs + the forwards) <= 1.15", s["over_floor"], 1.15, False),
+        ("streamed: run / (one read of the inputs + the forwards) <= 1.15", s["over_one_read_plus_forwards"],
+         1.15, False),
         ("streamed: read from the device per pass / inputs <= 1.2", s["device_read_per_pass"], 1.2, False),
         ("streamed: NLL relative difference from the naive route <= 1e-6", s["nll_relative_difference"],
          1e-6, False),
