@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import BIN, only_mergekit_015
+from test_ladder_memory import ALLOCATOR
 from test_ladder import STORY
 
 from nearswap_mergekit.tiny import QUARTET, TinyLlama, build_family
@@ -30,6 +31,10 @@ pytestmark = [
 SPEC = TinyLlama(hidden_size=1024, intermediate_size=2816, num_hidden_layers=32, num_attention_heads=8,
                  num_key_value_heads=4)
 LIMIT = 2048 << 20
+# (ALLOCATOR: glibc's mmap threshold fixed, as in test_ladder_memory.py. Without it,
+# freed blocks of these small tensors stay in glibc's heaps and the ladder was killed
+# for memory under this limit when other jobs ran: its anonymous memory followed the
+# number of allocations, not what it held.)
 CONTEXT = 64
 
 
@@ -88,7 +93,7 @@ def test_a_cold_ladder_reads_the_inputs_once_per_pass_under_a_memory_limit(tmp_p
             [str(BIN / "nearswap-mergekit"), "ladder", "chain.yml", "--text", "story.txt", "--context",
              str(CONTEXT), "--batch", "1", "--memory-budget", str(budget), "--quiet", "--json", "cold.json"],
             cwd=tmp_path, capture_output=True, text=True, timeout=600,
-            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", **ALLOCATOR},
             preexec_fn=lambda: procs.write_text(str(os.getpid())),
         )
         usage = next((cgroup / name).read_text().strip() for name in ("memory.max_usage_in_bytes", "memory.peak")
