@@ -17,9 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import BIN
+from conftest import BIN, only_mergekit_015
 
 from nearswap_mergekit.tiny import QUARTET, TinyLlama, _llama_config, build_family, llama_tensor_shapes
+
+# What the ladder holds is its own, the same with every mergekit: run once, with 0.1.5.
+pytestmark = only_mergekit_015
 
 #: Layers of 1024 x 2816 MLP matrices: one layer's inputs (four float16 models) are
 #: 90 MiB, several times the 3-14 MiB by which the two peaks differ from run to run
