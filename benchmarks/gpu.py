@@ -63,22 +63,14 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def stock_formula(base, secondaries, t):
-    """mergekit 0.1.5's nearswap, verbatim, chained in the inputs' dtype (as benchmarks/run.py)."""
-    a = base
-    for b in secondaries:
-        absdiff = torch.abs(a - b)
-        weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
-        a = weight * b + (1 - weight) * a
-    return a
-
-
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     ints = {2: torch.int16, 4: torch.int32}[a.element_size()]
     return a.dtype == b.dtype and torch.equal(a.view(ints), b.view(ints))
 
 
 def measure_dtype(dtype: torch.dtype, repeats: int, rows: int, cols: int) -> dict:
+    from harness import stock_nearswap_formula
+
     from nearswap_mergekit import nearswap_chain
 
     gen = torch.Generator().manual_seed(0)
@@ -98,7 +90,7 @@ def measure_dtype(dtype: torch.dtype, repeats: int, rows: int, cols: int) -> dic
     del copy_target
     chain_s = timed(chain("triton"), repeats)
     torch_path_s = timed(chain("torch"), repeats)
-    stock_s = timed(lambda: stock_formula(gpu[0], gpu[1:], T), repeats)
+    stock_s = timed(lambda: stock_nearswap_formula(gpu[0], gpu[1:], T), repeats)
 
     torch.cuda.synchronize()
     torch.cuda.empty_cache()

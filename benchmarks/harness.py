@@ -159,6 +159,16 @@ def input_bytes(paths: Dict[str, object]) -> int:
     return sum(f.stat().st_size for f in checkpoint_files(paths))
 
 
+def stock_nearswap_formula(base, secondaries, t):
+    """mergekit 0.1.5's nearswap, verbatim, chained (in the checkpoint dtype)."""
+    a = base
+    for b in secondaries:
+        absdiff = torch.abs(a - b)
+        weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
+        a = weight * b + (1 - weight) * a
+    return a
+
+
 def benchmark_spec(params: float) -> TinyLlama:
     """Layers of Llama-2-7B's shapes (hidden 4096, MLP 11008, 32 heads, 8 KV heads),
     as many as make about `params` parameters: tensors of the size a user merges

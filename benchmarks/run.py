@@ -21,7 +21,8 @@ import torch
 import yaml
 from harness import (BIN, HERE, NVME_READ_GB_S, NVME_WRITE_GB_S, QUARTET, RECOMMENDED_FLAGS,
                      SEVENTY_B_GB, T, drop_page_cache, folders, goal_rows, goal_table, input_bytes,
-                     machine, make_checkpoints, offline_env, recipes, seconds, write_json)
+                     machine, make_checkpoints, offline_env, recipes, seconds, stock_nearswap_formula,
+                     write_json)
 
 from nearswap_mergekit import nearswap_chain
 
@@ -35,16 +36,6 @@ MEASURE = (
     "print(json.dumps({'code': code, 'wall_s': wall, 'cpu_s': usage.ru_utime + usage.ru_stime,"
     " 'peak_rss_mb': usage.ru_maxrss / 1024}))\n"
 )
-
-
-def stock_nearswap_formula(base, secondaries, t):
-    """mergekit 0.1.5's nearswap, verbatim, chained (in the checkpoint dtype)."""
-    a = base
-    for b in secondaries:
-        absdiff = torch.abs(a - b)
-        weight = (t / absdiff.clamp(min=1e-6)).clamp(min=0, max=1)
-        a = weight * b + (1 - weight) * a
-    return a
 
 
 def kernel_benchmark(repeats: int, rows: int = 8192, cols: int = 28672):
