@@ -78,12 +78,8 @@ def rss_anon(pid: int) -> int:
     return next((int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("RssAnon:")), 0)
 
 
-def ladder_peak_anon(root: Path, recipe: Path, *extra: str) -> int:
-    """Run the ladder in a subprocess; the peak of its RssAnon, polled."""
-    args = [str(BIN / "nearswap-mergekit"), "ladder", str(recipe), "--text", "story.txt", "--quiet",
-            "--json", f"{recipe.stem}.json", *extra]
-    for t in TS:
-        args += ["--t", t]
+def polled_peak_anon(args, root: Path) -> int:
+    """Run `args` in `root` (offline, ALLOCATOR set) until it exits 0; the peak of its RssAnon."""
     process = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                env={**os.environ, "HF_HUB_OFFLINE": "1", **ALLOCATOR})
     peak = 0
@@ -91,6 +87,16 @@ def ladder_peak_anon(root: Path, recipe: Path, *extra: str) -> int:
         peak = max(peak, rss_anon(process.pid))
         time.sleep(POLL_S)
     assert process.returncode == 0, process.stderr.read().decode()
+    return peak
+
+
+def ladder_peak_anon(root: Path, recipe: Path, *extra: str) -> int:
+    """Run the ladder in a subprocess; the peak of its RssAnon, polled."""
+    args = [str(BIN / "nearswap-mergekit"), "ladder", str(recipe), "--text", "story.txt", "--quiet",
+            "--json", f"{recipe.stem}.json", *extra]
+    for t in TS:
+        args += ["--t", t]
+    peak = polled_peak_anon(args, root)
     report = json.loads((root / f"{recipe.stem}.json").read_text())
     assert len(report["rungs"]) == 1 + len(TS) and report["bytes_read"] > 0
     return peak
@@ -174,13 +180,7 @@ def instrumented_peak(root: Path, recipe: Path, *extra: str) -> tuple:
             str(json_path), *extra]
     for t in TS:
         args += ["--t", t]
-    process = subprocess.Popen(args, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1", **ALLOCATOR})
-    peak = 0
-    while process.poll() is None:
-        peak = max(peak, rss_anon(process.pid))
-        time.sleep(POLL_S)
-    assert process.returncode == 0, process.stderr.read().decode()
+    peak = polled_peak_anon(args, root)
     return peak, int(mark.read_text()), json.loads(json_path.read_text())
 
 
