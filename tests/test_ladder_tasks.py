@@ -28,6 +28,7 @@ MODEL_LENGTH = 40
 TS = ("0.01",)
 WORDS = "the sea sky wind story base model weight swap near time four told once upon a".split()
 NAMES = ("base", "second", "third")
+TASKS = ("tiny_mc", "tiny_ppl", "tiny_ll", "tiny_letters")
 
 
 def bos_family(root):
@@ -48,8 +49,9 @@ def bos_family(root):
 
 def write_tasks(folder):
     """tiny_mc (12 four-choice questions, a train split for few-shot), tiny_ppl (6
-    texts, some longer than MODEL_LENGTH tokens), tiny_gen (generate_until) and
-    tiny_hub (a data set on the Hub only)."""
+    texts, some longer than MODEL_LENGTH tokens), tiny_ll (each answer alone),
+    tiny_letters (the questions as MMLU asks them: answer A, B, C or D), tiny_gen
+    (generate_until) and tiny_hub (a data set on the Hub only)."""
     folder.mkdir()
     rnd = random.Random(0)
     phrase = lambda low, high: " ".join(rnd.choice(WORDS) for _ in range(rnd.randint(low, high)))  # noqa: E731
@@ -76,6 +78,24 @@ def write_tasks(folder):
                     "training_split": "train", "test_split": "test", "output_type": "loglikelihood",
                     "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": " {{choices[answer]}}",
                     "metric_list": [{"metric": "perplexity"}, {"metric": "acc"}]},
+        # MMLU's form: the choices listed in the question, the answer a letter, so the
+        # four pairs of a question have one forward input and share one forward.
+        "tiny_letters": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(mc)}},
+                         "test_split": "test", "output_type": "multiple_choice",
+                         "doc_to_text": "{{question}}\nA. {{choices[0]}}\nB. {{choices[1]}}\nC. {{choices[2]}}\n"
+                                        "D. {{choices[3]}}\nAnswer:",
+                         "doc_to_choice": ["A", "B", "C", "D"], "doc_to_target": "{{answer}}",
+                         "metric_list": [{"metric": "acc"}]},
+        # A template that does not parse: lm-eval cannot build the task's requests.
+        "tiny_broken": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(mc)}},
+                        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{ question }",
+                        "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}"},
+        # A template that fails on some documents (not the first, which lm-eval tries as it
+        # loads the task): the requests cannot be built.
+        "tiny_unrenderable": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(mc)}},
+                              "test_split": "test", "output_type": "multiple_choice",
+                              "doc_to_text": "{{ question.no_such_method() if answer == 2 else question }}", "doc_to_choice": "{{choices}}",
+                              "doc_to_target": "{{answer}}"},
         "tiny_gen": {"dataset_path": "json", "dataset_kwargs": {"data_files": {"test": str(mc)}},
                      "test_split": "test", "output_type": "generate_until", "doc_to_text": "{{question}}",
                      "doc_to_target": "{{answer}}", "generation_kwargs": {"until": ["\n"]},
@@ -86,6 +106,10 @@ def write_tasks(folder):
     }
     for name, config in tasks.items():
         (folder / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **config}, sort_keys=False))
+    # A group: lm-eval's aggregate over two of the tasks, beside each subtask's results.
+    (folder / "tiny_group.yaml").write_text(yaml.safe_dump({
+        "group": "tiny_group", "task": ["tiny_mc", "tiny_letters"],
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}]}))
 
 
 def invoke(args, **kwargs):
@@ -111,7 +135,7 @@ def family(tmp_path_factory):
         "models": [{"model": str(ws.models / name)} for name in NAMES[1:]],
         "parameters": {"t": 1e-3}, "dtype": "float32",
     })
-    common = [recipe, "--task", "tiny_mc", "--task", "tiny_ppl", "--task", "tiny_ll", "--include-path", ws.root / "tasks",
+    common = [recipe, *[arg for task in TASKS for arg in ("--task", task)], "--include-path", ws.root / "tasks",
               *[arg for t in TS for arg in ("--t", t)], "--quiet"]
     reports = {}
     for name, extra in (("zero", ["--recipes", ws.root / "rungs"]), ("few", ["--num-fewshot", "2", "--limit", "5"])):
@@ -138,7 +162,7 @@ def hf_results(folder, manager, **settings):
     import lm_eval
 
     return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
-                                   tasks=["tiny_mc", "tiny_ppl", "tiny_ll"], batch_size=1, device="cpu", task_manager=manager,
+                                   tasks=list(TASKS), batch_size=1, device="cpu", task_manager=manager,
                                    **settings)["results"]
 
 
@@ -151,12 +175,13 @@ def test_every_rung_equals_lm_eval_on_the_written_merge(family, manager, setting
     for row in report["rungs"]:
         expected = hf_results(merges[row["label"]], manager, **settings)
         got = row["tasks"]
-        assert set(got) == set(expected) == {"tiny_mc", "tiny_ppl", "tiny_ll"}
+        assert set(got) == set(expected) == set(TASKS)
         for key in ("acc,none", "acc_norm,none", "acc_stderr,none", "acc_norm_stderr,none"):
             assert got["tiny_mc"][key] == expected["tiny_mc"][key], (row["label"], key)
         for key in ("bits_per_byte,none", "byte_perplexity,none", "word_perplexity,none"):
             assert got["tiny_ppl"][key] == pytest.approx(expected["tiny_ppl"][key], rel=1e-6), (row["label"], key)
         assert got["tiny_ll"]["acc,none"] == expected["tiny_ll"]["acc,none"], row["label"]
+        assert got["tiny_letters"]["acc,none"] == expected["tiny_letters"]["acc,none"], row["label"]
         assert got["tiny_ll"]["perplexity,none"] == pytest.approx(expected["tiny_ll"]["perplexity,none"], rel=1e-6)
         assert got["tiny_mc"]["sample_len"] == expected["tiny_mc"]["sample_len"] == (5 if settings else 12)
     # The rungs differ from the base, so equality is not that of one model with itself.
@@ -170,11 +195,15 @@ def test_requests_are_truncated_and_rolled_at_the_model_length(family):
         requests = report["requests"]
         assert requests["max_length"] == MODEL_LENGTH
         assert requests["loglikelihood_rolling"] == (5 if report is reports["few"] else 6)
-        # Some rolling requests take several windows; two-shot contexts are truncated.
-        assert requests["windows"] > requests["loglikelihood"] + requests["loglikelihood_rolling"]
+        # Some rolling requests take several pairs; two-shot contexts are truncated.
+        assert requests["pairs"] > requests["loglikelihood"] + requests["loglikelihood_rolling"]
+        # A tiny_letters question's four pairs are one forward.
+        questions = 5 if report is reports["few"] else 12
+        assert requests["windows"] <= requests["pairs"] - 3 * questions
     # Two-shot questions run past the model length, and are cut on the left to it.
     assert reports["zero"]["requests"]["truncated"] > 0
-    assert reports["few"]["requests"]["truncated"] == reports["few"]["requests"]["loglikelihood"] == 5 * 4 + 5
+    # (tiny_mc's and tiny_letters' 5 x 4 pairs, tiny_ll's 5)
+    assert reports["few"]["requests"]["truncated"] == reports["few"]["requests"]["loglikelihood"] == 2 * 5 * 4 + 5
 
 
 def test_all_tasks_and_rungs_in_one_read_of_the_inputs(family):
@@ -183,7 +212,7 @@ def test_all_tasks_and_rungs_in_one_read_of_the_inputs(family):
         assert report["path"] == "layers" and report["passes"] == 1
         assert report["bytes_read"] <= 1.05 * inputs
         assert "request_scores" not in report
-        assert report["task_settings"]["tasks"] == ["tiny_mc", "tiny_ppl", "tiny_ll"]
+        assert report["task_settings"]["tasks"] == list(TASKS)
 
 
 def test_text_and_task_combine(family):
@@ -233,6 +262,36 @@ def test_bad_input_is_one_line_and_exit_2_before_any_read(family, no_reads, args
     assert not (ws.root / "bad.json").exists()
 
 
+@pytest.mark.parametrize("task", ["tiny_broken", "tiny_unrenderable"])
+def test_a_task_lm_eval_cannot_build_is_named_with_its_yaml(family, no_reads, task):
+    """Not the offline data-set hint, nor a traceback: the task's own YAML is at
+    fault (a template that does not parse; one that fails on the documents)."""
+    ws = family[0]
+    result = invoke(["ladder", ws.root / "chain.yml", "--task", task, "--include-path", ws.root / "tasks",
+                     "--json", ws.root / "bad.json"])
+    assert result.exit_code == 2, result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"Error: --task {task}: lm-eval could not build "), line
+    assert line.endswith("check the task's YAML") and "offline" not in line, line
+    assert not (ws.root / "bad.json").exists()
+
+
+def test_a_failure_of_lm_eval_on_the_answers_is_one_line(family, monkeypatch):
+    from nearswap_mergekit.ladder import tasks
+
+    def fails(*_args, **_kwargs):
+        raise ZeroDivisionError("no documents")
+
+    monkeypatch.setattr(tasks, "replay", fails)
+    ws = family[0]
+    result = invoke(["ladder", ws.root / "chain.yml", "--task", "tiny_mc", "--include-path", ws.root / "tasks",
+                     "--limit", "2", "--quiet", "--json", ws.root / "bad.json"])
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines() == [
+        "Error: lm-eval's results for base failed: ZeroDivisionError: no documents"]
+    assert not (ws.root / "bad.json").exists()
+
+
 def test_without_lm_eval_the_extra_is_named(family, no_reads, monkeypatch):
     ws = family[0]
     monkeypatch.setitem(sys.modules, "lm_eval", None)
@@ -278,6 +337,23 @@ def test_unknown_tasks_and_data_sets_not_here(family):
     assert not (ws.root / "bad.json").exists()
 
 
+def test_a_group_is_lm_eval_s_aggregate_of_its_tasks(family, manager):
+    ws, _reports, merges, _inputs = family
+    result = ladder(ws.root / "chain.yml", "--task", "tiny_group", "--include-path", ws.root / "tasks", "--limit", "4",
+                    *[arg for t in TS for arg in ("--t", t)], "--quiet", "--json", ws.root / "group.json")
+    assert result.exit_code == 0, result.output
+    report = json.loads((ws.root / "group.json").read_text())
+    for row in report["rungs"]:
+        import lm_eval
+
+        expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={merges[row['label']]},dtype=float32",
+                                           tasks=["tiny_group"], batch_size=1, device="cpu", limit=4,
+                                           task_manager=manager)["results"]
+        assert set(row["tasks"]) == set(expected) == {"tiny_group", "tiny_mc", "tiny_letters"}
+        for task in expected:
+            assert row["tasks"][task]["acc,none"] == expected[task]["acc,none"], (row["label"], task)
+
+
 def test_merged_lm_is_an_lm_eval_model_for_one_t(family, manager):
     """nearswap_mergekit.ladder.lm.merged_lm: simple_evaluate(model=...) on one t,
     merged on access, equals lm-eval's hf backend on the written merge."""
@@ -320,7 +396,7 @@ def test_the_demo_quartet_equals_lm_eval_on_its_merge(family, manager, tmp_path)
     ws.merge("quartet.yml", "merged")
     for row, folder in zip(report["rungs"], (ws.models / "miqu", ws.root / "merged")):
         expected = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={folder},dtype=float32",
-                                           tasks=["tiny_mc", "tiny_ppl", "tiny_ll"], batch_size=1, device="cpu",
+                                           tasks=list(TASKS), batch_size=1, device="cpu",
                                            limit=4, num_fewshot=2, task_manager=manager)["results"]
         got = row["tasks"]
         for key in ("acc,none", "acc_norm,none"):

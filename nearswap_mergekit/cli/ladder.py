@@ -113,7 +113,11 @@ def _replay_tasks(report: dict, request_set, task_request, manager) -> None:
 
     scores = report.pop("request_scores")
     for row, scored in zip(report["rungs"], scores):
-        row["tasks"] = tasks.replay(task_request, manager, request_set.answers(scored))
+        try:
+            row["tasks"] = tasks.replay(task_request, manager, request_set.answers(scored))
+        except Exception as error:  # lm-eval's metrics, filters or aggregation on these answers
+            raise click.ClickException(f"lm-eval's results for {row['label']} failed: "
+                                       f"{type(error).__name__}: {error}") from None
     report["task_settings"] = {"tasks": list(task_request.names), "include_path": task_request.include_path,
                                "limit": task_request.limit, "num_fewshot": task_request.num_fewshot}
 
@@ -127,7 +131,8 @@ def _task_table(report: dict) -> list:
     settings = report["task_settings"]
     lines = ["", f"lm-eval tasks ({report['requests']['loglikelihood']:,} loglikelihood and "
              f"{report['requests']['loglikelihood_rolling']:,} rolling requests, "
-             f"{report['requests']['windows']:,} windows, model length {report['requests']['max_length']}; "
+             f"{report['requests']['pairs']:,} scored in {report['requests']['windows']:,} forwards, "
+             f"model length {report['requests']['max_length']}; "
              f"num_fewshot {settings['num_fewshot'] if settings['num_fewshot'] is not None else 'default'}, "
              f"limit {settings['limit'] if settings['limit'] is not None else 'none'})"]
     by_task: dict = {}

@@ -132,7 +132,7 @@ def _run_whole(setup: LadderRun, rungs: Sequence[Rung]) -> dict:
     bar = tqdm(total=len(groups) * len(parties) * len(maps[0]), unit="tensors", desc="merging",
                disable=not setup.progress)
     scores = [[scoring.Score() for _ in setup.texts.paths] for _ in parties]
-    answers = [{} for _ in parties]  # per row: request window -> answer
+    answers = [{} for _ in parties]  # per row: request pair -> answer
     with ThreadPoolExecutor(max_workers=len(parties), thread_name_prefix="nearswap-rung") as pool:
         for group in groups:
             ids = scoring.input_ids(group, setup.device)

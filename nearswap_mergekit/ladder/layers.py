@@ -75,7 +75,7 @@ def run(setup, rungs: Sequence[Rung], budget: int) -> dict:
     hidden_size = template.config.hidden_size
     plan = passes.plan_passes(setup.windows, setup.batch, len(parties), hidden_size, setup.eval_dtype, budget)
     scores = [[scoring.Score() for _ in setup.texts.paths] for _ in parties]
-    answers: List[Dict[int, tuple]] = [{} for _ in parties]  # per row: request window -> answer
+    answers: List[Dict[int, tuple]] = [{} for _ in parties]  # per row: request pair -> answer
     stage_list = families.stages(template)
     bar = tqdm(total=len(plan) * len(stage_list), unit="stages", desc="streaming", disable=not setup.progress)
     batches = 0
@@ -146,11 +146,11 @@ def run(setup, rungs: Sequence[Rung], budget: int) -> dict:
 
 
 def add_request_scores(report: dict, setup, answers: List[Dict[int, tuple]]) -> None:
-    """The requests' description, and each row's answer per request window under
+    """The requests' description, and each row's answer per request pair under
     `request_scores` (for tasks.replay; not JSON: the command takes it out)."""
     if setup.requests is not None:
         report["requests"] = setup.requests.describe()
-        count = len(setup.requests.windows)
+        count = setup.requests.pairs
         report["request_scores"] = [[row[i] for i in range(count)] for row in answers]
 
 

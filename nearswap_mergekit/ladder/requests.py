@@ -12,13 +12,16 @@ split (`_encode_pair`), the empty-context prefix token, the model length
 (`max_length`, resolved from `max_position_embeddings` as HFLM resolves it) and the
 rolling windows (`get_rolling_token_windows`, `make_disjoint_window`) are lm-eval's.
 
-One pair is one window: the forward's input is HFLM's, `(context +
-continuation)[-(max_length + 1):][:-1]` (left truncation), and the continuation's
-tokens are scored at the input's last positions: the log-softmax there, the sum
-of the continuation's log-probabilities (float32, as HFLM sums them) and whether
-every one is the greedy token. A `loglikelihood` request's answer is its pair's
-(sum, greedy); a `loglikelihood_rolling` request's is the sum of its windows'
-sums, in order (as HFLM adds them).
+Each pair's forward input is HFLM's, `(context + continuation)[-(max_length +
+1):][:-1]` (left truncation), and the continuation's tokens are scored at the
+input's last positions: the log-softmax there, the sum of the continuation's
+log-probabilities (float32, as HFLM sums them) and whether every one is the
+greedy token. Pairs whose inputs are the same tokens share one forward (a window):
+a multiple-choice question with one-token answers (MMLU's " A" to " D") is
+forwarded once, not once per choice, as HFLM's logits cache does. A
+`loglikelihood` request's answer is its pair's (sum, greedy); a
+`loglikelihood_rolling` request's is the sum of its pairs' sums, in order (as HFLM
+adds them).
 """
 
 from __future__ import annotations
@@ -37,24 +40,23 @@ SCORED = (LOGLIKELIHOOD, ROLLING)
 
 @dataclass(frozen=True)
 class RequestWindow:
-    """One forward of one request: its input ids, and the continuation's tokens,
-    scored at the input's last len(targets) positions. `index`: the window's place
-    in RequestSet.windows."""
+    """One forward: its input ids, and the (pair index, continuation tokens) it
+    answers, each continuation scored at the input's last len(tokens) positions."""
 
-    index: int
     ids: tuple
-    targets: tuple
+    answers: Tuple[Tuple[int, tuple], ...]
 
 
 @dataclass
 class RequestSet:
-    """The recorded requests (type, args), their windows, and which windows make
-    each request's answer."""
+    """The recorded requests (type, args), the windows that score their pairs, and
+    which pairs make each request's answer."""
 
     records: List[Tuple[str, tuple]]
     windows: List[RequestWindow] = field(default_factory=list)
-    #: Per record, the indices of its windows, in order.
+    #: Per record, the indices of its pairs, in order.
     pieces: List[List[int]] = field(default_factory=list)
+    pairs: int = 0
     max_length: int = 0
     #: Pairs longer than max_length + 1 tokens, cut on the left.
     truncated: int = 0
@@ -64,6 +66,7 @@ class RequestSet:
         return {
             "loglikelihood": kinds.count(LOGLIKELIHOOD),
             "loglikelihood_rolling": kinds.count(ROLLING),
+            "pairs": self.pairs,
             "windows": len(self.windows),
             "tokens": sum(len(w.ids) for w in self.windows),
             "max_length": self.max_length,
@@ -120,6 +123,7 @@ def prepare(records: Sequence[Tuple[str, tuple]], config, tokenizer) -> RequestS
     try:
         model = tokenizer_model(config, tokenizer)
         found = RequestSet(list(records), max_length=model.max_length)
+        by_ids: Dict[tuple, List[Tuple[int, tuple]]] = {}  # forward input -> the pairs it answers
         for kind, args in records:
             model.collected = []
             if kind == LOGLIKELIHOOD:
@@ -128,22 +132,24 @@ def prepare(records: Sequence[Tuple[str, tuple]], config, tokenizer) -> RequestS
                 model.loglikelihood_rolling([_Args(args)], disable_tqdm=True)
             pieces = []
             for context, continuation in model.collected:
-                pieces.append(len(found.windows))
+                pieces.append(found.pairs)
                 found.truncated += len(context) + len(continuation) > model.max_length + 1
-                found.windows.append(window(len(found.windows), context, continuation, model.max_length))
+                by_ids.setdefault(forward_input(context, continuation, model.max_length), []).append(
+                    (found.pairs, tuple(continuation)))
+                found.pairs += 1
             found.pieces.append(pieces)
+        found.windows = [RequestWindow(ids, tuple(answers)) for ids, answers in by_ids.items()]
     finally:
         quiet.setLevel(level)
     return found
 
 
-def window(index: int, context: Sequence[int], continuation: Sequence[int], max_length: int) -> RequestWindow:
+def forward_input(context: Sequence[int], continuation: Sequence[int], max_length: int) -> tuple:
     """HFLM's forward input for one pair (left-truncated to max_length)."""
     if not context or not continuation or len(continuation) > max_length:
         raise ValueError(f"lm-eval cannot score a pair of {len(context)} context and {len(continuation)} "
                          f"continuation tokens at length {max_length}")
-    ids = (list(context) + list(continuation))[-(max_length + 1):][:-1]
-    return RequestWindow(index, tuple(ids), tuple(continuation))
+    return tuple((list(context) + list(continuation))[-(max_length + 1):][:-1])
 
 
 def add_batch(scored: Dict[int, Tuple[float, bool]], group: Sequence[RequestWindow], logits: torch.Tensor) -> None:
@@ -152,9 +158,11 @@ def add_batch(scored: Dict[int, Tuple[float, bool]], group: Sequence[RequestWind
     log-probabilities and whether each is the greedy token, all in the logits'
     dtype, as HFLM computes them (its softmax_dtype left at its default)."""
     for row, item in zip(logits, group):
-        length, count = len(item.ids), len(item.targets)
-        logp = torch.log_softmax(row[length - count : length], dim=-1).unsqueeze(0)  # [1, n, vocab]
-        targets = torch.tensor(item.targets, dtype=torch.long, device=logp.device).unsqueeze(0)
-        greedy = bool((logp.argmax(dim=-1) == targets).all())
-        picked = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)  # [1, n]
-        scored[item.index] = (float(picked.sum()), greedy)
+        length = len(item.ids)
+        for index, continuation in item.answers:
+            count = len(continuation)
+            logp = torch.log_softmax(row[length - count : length], dim=-1).unsqueeze(0)  # [1, n, vocab]
+            targets = torch.tensor(continuation, dtype=torch.long, device=logp.device).unsqueeze(0)
+            greedy = bool((logp.argmax(dim=-1) == targets).all())
+            picked = torch.gather(logp, 2, targets.unsqueeze(-1)).squeeze(-1)  # [1, n]
+            scored[index] = (float(picked.sum()), greedy)

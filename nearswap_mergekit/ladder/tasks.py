@@ -187,11 +187,24 @@ def load_tasks(request: TaskRequest, manager) -> None:
             if isinstance(error, FileNotFoundError):
                 raise TaskError(f"--task {name}: {first[:300]}: check its data_files (a relative path is "
                                 "taken from the folder the command runs in)") from None
+            if not _from_the_hub(error):
+                raise TaskError(f"--task {name}: lm-eval could not build it ({type(error).__name__}: "
+                                f"{first[:200]}): check the task's YAML") from None
             raise TaskError(
                 f"--task {name}: its data set could not be loaded here ({type(error).__name__}: {first[:200]}); "
                 "offline, only data sets already in the Hugging Face cache load: local files "
                 "(dataset_path: json, data_files) in a task under --include-path work offline"
             ) from None
+
+
+#: Where the errors of fetching a data set come from (the Hub, the network).
+_FETCHING = ("datasets", "huggingface_hub", "requests", "httpx", "urllib3", "fsspec", "aiohttp")
+
+
+def _from_the_hub(error: BaseException) -> bool:
+    """Whether `error` is one of fetching a data set, not of the task's own making."""
+    return isinstance(error, ConnectionError) or any(
+        kind.__module__.split(".")[0] in _FETCHING for kind in type(error).__mro__)
 
 
 def _lm_class():
@@ -259,8 +272,15 @@ def record(request: TaskRequest, manager) -> List[Tuple[str, tuple]]:
     each once."""
     recording, _ = _lm_class()
     model = recording()
-    # Its metrics are of zeros and thrown away: no bootstrap for their stderr.
-    _evaluate(model, request, manager, bootstrap_iters=0)
+    try:
+        # Its metrics are of zeros and thrown away: no bootstrap for their stderr.
+        _evaluate(model, request, manager, bootstrap_iters=0)
+    except TaskError:
+        raise
+    except Exception as error:  # a template or a function of the task's failing on its documents
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise TaskError(f"--task {', '.join(request.names)}: lm-eval could not build the requests "
+                        f"({type(error).__name__}: {first[:200]}): check the task's YAML") from None
     return list(dict.fromkeys(model.records))
 
 
