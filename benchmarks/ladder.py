@@ -119,9 +119,11 @@ def ladder_child(argv: Sequence[str]) -> None:
 
     from nearswap_mergekit import cli
     from nearswap_mergekit.ladder import engine as laddering
+    from nearswap_mergekit.ladder import families
 
     phases.mark("start-up")
-    run = laddering.run
+    run, run_stage = laddering.run, families.run_stage
+    forwards = {"s": 0.0, "calls": 0}
 
     def timed_run(*a, **k):
         phases.mark("planning")
@@ -129,12 +131,23 @@ def ladder_child(argv: Sequence[str]) -> None:
         phases.mark("read + merge + forward")
         return result
 
-    laddering.run = timed_run
+    def timed_stage(*a, **k):
+        # The streamed loop's forwards, stage by stage (the whole-model path runs its
+        # rows' forwards in threads, inseparable from their merges: 0 there).
+        started = time.perf_counter()
+        try:
+            return run_stage(*a, **k)
+        finally:
+            forwards["s"] += time.perf_counter() - started
+            forwards["calls"] += 1
+
+    laddering.run, families.run_stage = timed_run, timed_stage
     try:
         cli.main(args, standalone_mode=False)
     finally:
         phases.mark("report")
-        Path(report_path).write_text(json.dumps({"phases": phases.report()}) + "\n")
+        Path(report_path).write_text(json.dumps({"phases": phases.report(), "forward_s": forwards["s"],
+                                                 "forward_calls": forwards["calls"]}) + "\n")
 
 
 def merge_child(argv: Sequence[str]) -> None:

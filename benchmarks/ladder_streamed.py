@@ -172,13 +172,23 @@ def estimate_70b(report: Dict) -> List[Dict]:
     return rows
 
 
+def cache_note(streamed: Dict) -> List[str]:
+    """A line where the device gave less than the ladder asked of the files: the rest
+    came from the page cache, so that run's device reads understate a cold read."""
+    if streamed["device_read_over_inputs"] >= 0.95 * streamed["bytes_read_over_inputs"]:
+        return []
+    return ["", f"The streamed ladder asked {streamed['bytes_read_over_inputs']:.2f}x the inputs of the files and the "
+            f"device gave {streamed['device_read_over_inputs']:.2f}x: the rest came from the page cache, although it "
+            "was dropped before the run, so this run's device reads understate a cold read."]
+
+
 def markdown(report: Dict) -> str:
     s, shape = report["summary"], report["shape"]
     gb = report["input_bytes"] / 1e9
     lines = [
         f"Measured {report['date']} on {report['machine']}; benchmark wall time "
         f"{report['benchmark_s'] / 60:.1f} min; load average (1 min) {report['load'][0]:.1f} before, "
-        f"{report['load'][1]:.1f} after (other jobs shared the cores).",
+        f"{report['load'][1]:.1f} after.",
         "",
         f"Four bf16 checkpoints (hidden {shape['hidden']}, MLP {shape['intermediate']}, {shape['layers']} "
         f"layers, vocabulary {shape['vocab']}; {gb:.2f} GB of input), the base and {len(CARD_TS)} rungs, "
@@ -208,6 +218,7 @@ def markdown(report: Dict) -> str:
         f"{s['streamed']['nll_relative_difference']:.1e} | {s['whole_model']['nll_relative_difference']:.1e} | |",
         "",
         *goal_table(report["goals"], ".3g"),
+        *cache_note(s["streamed"]),
         "",
         "**4 x 70B** (Llama-2-70B shapes, 552 GB of bf16 input, base + 6 rungs, windows of 2,048), "
         "extrapolated from the rates measured above: this machine's forward FLOP/s and its streamed "
