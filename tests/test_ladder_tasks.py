@@ -422,3 +422,19 @@ def test_the_whole_model_path_gives_the_same_answers(family):
         assert row["tasks"]["tiny_ll"]["acc,none"] == other["tasks"]["tiny_ll"]["acc,none"]
         assert row["tasks"]["tiny_ll"]["perplexity,none"] == pytest.approx(
             other["tasks"]["tiny_ll"]["perplexity,none"], rel=1e-6)
+
+
+def test_greedy_is_whether_every_continuation_token_is_the_argmax():
+    """HFLM's is_greedy, on logits made by hand (tiny random models are never greedy,
+    so the equality tests above see only False): one forward answering two pairs."""
+    from nearswap_mergekit.ladder.requests import RequestWindow, add_batch
+
+    logits = torch.full((1, 4, 5), -5.0)
+    logits[0, 2, 3] = logits[0, 3, 1] = 5.0  # positions 2 and 3 predict tokens 3 and 1
+    window = RequestWindow(ids=(0, 0, 0, 0), answers=((0, (3, 1)), (1, (3, 2))))
+    scored = {}
+    add_batch(scored, [window], logits)
+    assert scored[0][1] is True and scored[1][1] is False
+    expected = torch.log_softmax(logits[0, 2:], dim=-1)
+    assert scored[0][0] == pytest.approx(float(expected[0, 3] + expected[1, 1]))
+    assert scored[1][0] == pytest.approx(float(expected[0, 3] + expected[1, 2]))
