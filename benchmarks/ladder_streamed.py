@@ -306,6 +306,7 @@ def main(hidden, intermediate, layers, windows, context, limit_gib, timeout, wor
     report["estimate_70b"] = estimate_70b(report)
     report["benchmark_s"] = time.perf_counter() - started
     write_json(results / "ladder_streamed.json", report)
+    (results / "ladder_streamed.partial.json").unlink(missing_ok=True)
     write_markdown(results / "ladder_streamed.md", markdown(report))
 
 
