@@ -481,6 +481,13 @@ def write_markdown(path: Path, text: str) -> None:
     click.echo(path.read_text())
 
 
+def write_results(results: Path, name: str, report, text: str) -> None:
+    """A benchmark's NAME.json and NAME.md, its partial report (NAME.partial.json) gone."""
+    write_json(results / f"{name}.json", report)
+    (results / f"{name}.partial.json").unlink(missing_ok=True)
+    write_markdown(results / f"{name}.md", text)
+
+
 def goal_rows(rows: Sequence[Tuple[str, float, float, bool]]) -> List[Dict]:
     """(goal, measured, bound, at_least) rows as goal records, met if measured >= or <= bound."""
     return [

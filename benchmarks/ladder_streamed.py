@@ -37,7 +37,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from harness import (GIB, NVME_READ_GB_S, SEVENTY_B_GB, MemoryCgroup, check_cgroups,  # noqa: E402
                      drop_page_cache, folders, goal_rows, goal_table, input_bytes, machine, write_json,
-                     write_markdown)
+                     write_markdown, write_results)
 from ladder import (CARD_TS, GPU_BF16_FLOPS, GPU_FLOP_SHARE, SEVENTY_B, child_command,  # noqa: E402
                     forward_flops, naive_command, raw_read_gb_s, shape_of, text_of_tokens, watched,
                     with_positions, write_recipe)
@@ -305,9 +305,7 @@ def main(hidden, intermediate, layers, windows, context, limit_gib, timeout, wor
     ])
     report["estimate_70b"] = estimate_70b(report)
     report["benchmark_s"] = time.perf_counter() - started
-    write_json(results / "ladder_streamed.json", report)
-    (results / "ladder_streamed.partial.json").unlink(missing_ok=True)
-    write_markdown(results / "ladder_streamed.md", markdown(report))
+    write_results(results, "ladder_streamed", report, markdown(report))
 
 
 if __name__ == "__main__":

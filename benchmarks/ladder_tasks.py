@@ -50,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from harness import (GIB, NVME_READ_GB_S, NVME_WRITE_GB_S, RECOMMENDED_FLAGS, SEVENTY_B_GB,  # noqa: E402
                      check_cgroups, folders, input_bytes, machine, make_checkpoints, read_bytes, write_json,
-                     write_markdown)
+                     write_markdown, write_results)
 from ladder import (CARD_TS, GPU_BF16_FLOPS, GPU_FLOP_SHARE, SEVENTY_B, TEXT_SOURCE, Phases,  # noqa: E402
                     child_command, forward_flops, shape_of, watched, write_recipe)
 from ladder_streamed import contender, device_reads  # noqa: E402
@@ -345,9 +345,7 @@ def main(params, items, limit_gib, timeout, work, results):
     report["summary"] = summarize(report)
     report["estimate_mmlu_70b"] = estimate_mmlu_70b()
     report["benchmark_s"] = time.perf_counter() - started
-    write_json(results / "ladder_tasks.json", report)
-    (results / "ladder_tasks.partial.json").unlink(missing_ok=True)
-    write_markdown(results / "ladder_tasks.md", markdown(report))
+    write_results(results, "ladder_tasks", report, markdown(report))
 
 
 if __name__ == "__main__":
